@@ -1,0 +1,1 @@
+"""The kopf operator: CRD contract, manifest builders, status, handlers."""

@@ -1,0 +1,1 @@
+"""The model-serving container: sources, harvest, formats, engine, HTTP API."""

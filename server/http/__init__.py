@@ -1,0 +1,1 @@
+"""The HTTP layer: FastAPI app, OpenAI schemas, errors, probes, metrics, serve."""
