@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Installs the benchmark peers into bench/.work, never into the product's venv:
+#   - llama.cpp built once from the vendored sources of the llama-cpp-python sdist on PyPI
+#     (CPU only): the shared libraries for llama-cpp-python and the native `llama-server`
+#     (continuous batching with -np N), so both peers run the very same llama.cpp code;
+#   - a separate venv with llama-cpp-python installed from that sdist without a second
+#     compile (it loads the libraries above through LLAMA_CPP_LIB_PATH).
+# HF transformers (eager) is the third peer; it runs from the product venv, where the
+# `test` extra already installs it, so the bench never adds a runtime dependency.
+# Idempotent: finished steps are skipped (stamp files), so `make bench` re-runs are cheap.
+set -euo pipefail
+
+LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+HERE="$(cd "$(dirname "$0")" && pwd)"
+WORK="${BENCH_WORK:-$HERE/.work}"
+PYTHON="${PYTHON:-python3}"
+JOBS="${JOBS:-$(nproc)}"
+SRC="$WORK/dl/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION"
+BUILD="$WORK/llama-build"
+VENV="$WORK/venv"
+
+mkdir -p "$WORK/dl"
+
+if [ ! -d "$SRC" ]; then
+    (cd "$WORK/dl" && "$PYTHON" -m pip download -q --no-binary :all: --no-deps \
+        "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION")
+    tar -xzf "$WORK/dl/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz" -C "$WORK/dl"
+fi
+
+if [ ! -x "$BUILD/bin/llama-server" ]; then
+    # GGML_NATIVE: the peer gets every instruction set this CPU has (AVX-512, VNNI, BF16),
+    # as a user compiling llama.cpp on the machine would.
+    cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" -G Ninja \
+        -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON \
+        -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF \
+        -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+        -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_BUILD_APP=OFF
+    cmake --build "$BUILD" -j "$JOBS" --target llama-server llama
+fi
+
+if [ ! -f "$VENV/.installed" ]; then
+    "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+    # LLAMA_BUILD=OFF: the Python package only; its native library comes from $BUILD/bin.
+    CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" \
+        "$VENV/bin/pip" install -q "$WORK/dl/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz" \
+        numpy psutil
+    touch "$VENV/.installed"
+fi
+
+echo "llama-server: $BUILD/bin/llama-server"
+echo "llama-cpp-python: $VENV/bin/python (LLAMA_CPP_LIB_PATH=$BUILD/bin)"

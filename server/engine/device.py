@@ -1,0 +1,111 @@
+"""Choosing the device and dtype, and reading how much memory a device has.
+
+`--dtype auto` means bfloat16 on CUDA and, on CPU, bfloat16 only where the processor
+computes it natively (AVX512-BF16 or AMX): elsewhere PyTorch emulates bf16 matmuls and
+float32 is both faster and more exact. The choice and its reason are logged and
+reported by `/model`, because "why is it slow / why do the logits differ" starts there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from modeldeploy.server.errors import UserInputError
+
+log = logging.getLogger("modeldeploy.engine")
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the model runs and in which dtype, with the reason for an automatic choice."""
+
+    device: torch.device
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        flags = []
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        return True
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu; an explicit `cuda` without a GPU is bad input."""
+    if device in ("auto", ""):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserInputError(f"--device {device}: no CUDA device is available in this process")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserInputError(f"--device {device}: expected auto, cpu or cuda[:N]")
+    return torch.device(device)
+
+
+def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
+    """Resolve `--device` and `--dtype` into a Placement and say why."""
+    dev = resolve_device(device)
+    if dtype not in ("auto", "", *DTYPES):
+        raise UserInputError(f"--dtype {dtype}: expected auto, {', '.join(DTYPES)}")
+    if dtype not in ("auto", ""):
+        return Placement(dev, DTYPES[dtype], f"--dtype {dtype}")
+    if dev.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Placement(dev, torch.bfloat16, "auto: CUDA device supports bfloat16")
+        return Placement(dev, torch.float16, "auto: CUDA device without bfloat16")
+    if cpu_has_fast_bf16():
+        return Placement(dev, torch.bfloat16, "auto: CPU has native bf16 (avx512_bf16/amx)")
+    return Placement(dev, torch.float32, "auto: CPU lacks native bf16, float32 is faster")
+
+
+def configure_cpu_threads() -> int:
+    """Use as many intra-op threads as the container may run (cgroup quota, affinity)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            n = max(1, min(n, int(int(quota) / int(period) + 0.5)))
+    except (OSError, ValueError):
+        pass
+    torch.set_num_threads(n)
+    return n
+
+
+def memory_info(device: torch.device) -> dict[str, int | None]:
+    """Free/total bytes of the device (CUDA) or of the host (CPU, from /proc/meminfo)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return {
+            "free_bytes": int(free),
+            "total_bytes": int(total),
+            "allocated_bytes": int(torch.cuda.memory_allocated(device)),
+        }
+    info: dict[str, int | None] = {"free_bytes": None, "total_bytes": None}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key == "MemAvailable":
+                info["free_bytes"] = int(rest.split()[0]) * 1024
+            elif key == "MemTotal":
+                info["total_bytes"] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return info

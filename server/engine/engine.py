@@ -1,0 +1,519 @@
+"""The engine's public API: load a model, generate streams of text, report state.
+
+The HTTP layer talks only to `Engine` (never to torch): `Engine.load(...)` builds the
+model from whatever the formats layer found, and `engine.generate(...)` returns an
+async stream of `GenerationEvent`s fed by the scheduler thread. Admission checks
+(poisoned model, prompt too long, device memory, queue length) run synchronously in
+`generate`, so a request is refused with a typed error before any response starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from modeldeploy.server.engine import weights
+from modeldeploy.server.engine.device import (
+    Placement,
+    choose_placement,
+    configure_cpu_threads,
+    memory_info,
+)
+from modeldeploy.server.engine.errors import (
+    EngineClosedError,
+    EngineOverloadedError,
+    InsufficientMemoryError,
+    ModelPoisonedError,
+    NoChatTemplateError,
+    PromptTooLongError,
+)
+from modeldeploy.server.engine.model import KVCache, ModelSpec, Transformer
+from modeldeploy.server.engine.sampling import SamplingParams
+from modeldeploy.server.engine.scheduler import (
+    EngineStats,
+    GenerationEvent,
+    Scheduler,
+    Sequence,
+    Usage,
+)
+from modeldeploy.server.engine.stop_strings import StopStringFilter
+from modeldeploy.server.errors import UserInputError
+
+__all__ = ["Engine", "EngineStats", "GenerationEvent", "GenerationStream", "Usage"]
+
+log = logging.getLogger("modeldeploy.engine")
+
+#: Environment switch for reliability tests: poison on the first device step.
+FAULT_ENV = "MODELDEPLOY_INJECT_DEVICE_FAULT"
+#: Share of free memory the KV cache may take when --max-model-len is not given.
+KV_MEMORY_SHARE = 0.5
+#: Headroom (bytes) a CUDA prefill step must find free besides its activation estimate.
+CUDA_HEADROOM = 256 << 20
+
+Progress = Callable[[int, int, str], None]
+
+
+class GenerationStream:
+    """Async iterator over one request's events; closing or cancelling it frees the slot.
+
+    `async for ev in engine.generate(...)` is the normal use; `await engine.generate(...)`
+    returns the same object for callers that prefer to await first.
+    """
+
+    def __init__(self, scheduler: Scheduler, seq: Sequence, queue: asyncio.Queue) -> None:
+        self._scheduler = scheduler
+        self._seq = seq
+        self._queue = queue
+        self._finished = False
+        self.request_id = seq.request_id
+        self.prompt_tokens = len(seq.prompt_ids)
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    def __await__(self):
+        async def itself() -> GenerationStream:
+            return self
+
+        return itself().__await__()
+
+    async def __anext__(self) -> GenerationEvent:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:  # CancelledError from a disconnecting client, or anything else
+            self._cancel()
+            raise
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        if item.finish_reason is not None:
+            self._finished = True
+        return item
+
+    async def aclose(self) -> None:
+        self._cancel()
+
+    def _cancel(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._scheduler.cancel(self._seq)
+
+    def __del__(self) -> None:
+        if not self._finished and not self._seq.done:
+            self._seq.cancelled = True  # a plain flag write; the scheduler drops it next step
+
+
+class _Detokenizer:
+    """Incremental decoding that never splits a UTF-8 character (fallback until the
+    tokenizer module's own `incremental_decoder()` is available)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        out, self.emitted = text[self.emitted :], len(text)
+        return out
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        out, self.emitted = text[self.emitted :], len(text)
+        return out
+
+
+def _load_tokenizer(model_dir: Path | None, gguf_metadata: dict | None) -> Any:
+    """Our Tokenizer (tokenizer module) when present, else a thin `tokenizers` wrapper."""
+    try:
+        from modeldeploy.server.engine.tokenizer import Tokenizer
+    except ImportError:
+        Tokenizer = None
+    if Tokenizer is not None:
+        return Tokenizer.from_files(model_dir, gguf_metadata)
+    import tokenizers
+
+    if model_dir is not None and (model_dir / "tokenizer.json").is_file():
+        tok = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    elif gguf_metadata is not None:
+        from modeldeploy.server.engine.gguf_tokenizer import tokenizer_from_gguf
+
+        tok = tokenizer_from_gguf(gguf_metadata)
+    else:
+        raise UserInputError(f"{model_dir}: no tokenizer.json and no GGUF vocabulary")
+
+    class _Thin:
+        eos_token_ids: set[int] = set()
+
+        def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+            return tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            return tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+        def incremental_decoder(self) -> _Detokenizer:
+            return _Detokenizer(self)
+
+    return _Thin()
+
+
+def _load_chat_template(model_dir: Path | None, gguf_metadata: dict | None, override: Any):
+    try:
+        from modeldeploy.server.engine.chat_template import ChatTemplate
+    except ImportError:
+        return None
+    return ChatTemplate.load(model_dir, gguf_metadata, override)
+
+
+def _generation_config_eos(model_dir: Path | None) -> set[int]:
+    """EOS ids from generation_config.json (instruct models often add their turn end)."""
+    if model_dir is None:
+        return set()
+    path = model_dir / "generation_config.json"
+    try:
+        value = json.loads(path.read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    if isinstance(value, int):
+        return {value}
+    return {v for v in value or [] if isinstance(v, int)}
+
+
+class Engine:
+    """A loaded model with its tokenizer, template, KV cache and scheduler thread."""
+
+    def __init__(self) -> None:  # use Engine.load
+        self.scheduler: Scheduler | None = None
+        self.served_model_name = ""
+        self.closed = False
+
+    # ---- loading -----------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        model_path: str | Path,
+        *,
+        slug_dir: str | Path | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_concurrent: int = 10,
+        max_model_len: int | None = None,
+        max_prompt_tokens: int = 16384,
+        prefill_chunk: int = 512,
+        chat_template_file: str | Path | None = None,
+        progress: Progress | None = None,
+        quant: str | None = None,
+        max_queue: int | None = None,
+    ) -> Engine:
+        """Open, build, fill and start serving a model; raises typed errors for bad input."""
+        from modeldeploy.server.formats import open_model
+
+        if max_concurrent < 1:
+            raise UserInputError(f"--max-concurrent {max_concurrent}: must be at least 1")
+        if prefill_chunk < 1:
+            raise UserInputError(f"--prefill-chunk {prefill_chunk}: must be at least 1")
+        started = time.monotonic()
+        self = cls()
+        files = open_model(model_path, quant)
+        self.files = files
+        self.source = str(model_path)
+        self.served_model_name = Path(str(model_path)).name
+        self.config = files.config
+        self.spec = ModelSpec.from_config(files.config, source=str(files.path))
+        self.placement: Placement = choose_placement(device, dtype)
+        if self.placement.device.type == "cpu":
+            self.threads: int | None = configure_cpu_threads()
+        else:
+            self.threads = None
+        log.info(
+            "loading %s (%s, %s) on %s as %s — %s",
+            files.path,
+            files.format,
+            self.spec.architecture,
+            self.placement.device,
+            self.placement.dtype_name,
+            self.placement.reason,
+        )
+        model_ctx = int(files.config.max_position_embeddings)
+        self.max_model_len = self._choose_max_len(max_model_len, model_ctx, max_concurrent)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_concurrent = max_concurrent
+        self.prefill_chunk = prefill_chunk
+        self.max_queue = max_queue
+
+        dev, dt = self.placement.device, self.placement.dtype
+        with torch.device("meta"):
+            model = Transformer(self.spec)
+        model.materialize(dev, dt)
+        if files.gguf is not None:
+            arch = files.gguf.metadata.get("general.architecture", self.spec.architecture)
+            weights.load_gguf(model, files.gguf, str(arch), str(files.path), progress)
+        else:
+            weights.load_safetensors(model, files.safetensors, str(files.path), progress)
+        model.eval()
+        self.model = model
+        self.cache = KVCache(self.spec, max_concurrent, self.max_model_len, dt, dev)
+
+        tok_dir = Path(slug_dir) if slug_dir else files.model_dir
+        gguf_meta = files.gguf.metadata if files.gguf is not None else None
+        self.tokenizer = _load_tokenizer(tok_dir, gguf_meta)
+        self.template = _load_chat_template(tok_dir, gguf_meta, chat_template_file)
+        self.eos_token_ids = (
+            set(files.config.eos_token_ids)
+            | set(getattr(self.tokenizer, "eos_token_ids", set()) or set())
+            | _generation_config_eos(tok_dir)
+        )
+        self.scheduler = Scheduler(
+            model,
+            self.cache,
+            device=dev,
+            prefill_chunk=prefill_chunk,
+            eos_ids=self.eos_token_ids,
+            token_text=lambda i: self.tokenizer.decode([i], skip_special_tokens=False),
+        )
+        if os.environ.get(FAULT_ENV, "") not in ("", "0"):
+            self.inject_fault()
+        self.load_seconds = time.monotonic() - started
+        log.info(
+            "loaded %s in %.1fs: %d parameters, max_model_len %d, %d slots, KV cache %.0f MiB",
+            self.spec.architecture,
+            self.load_seconds,
+            self.num_parameters,
+            self.max_model_len,
+            max_concurrent,
+            self.cache.nbytes / 2**20,
+        )
+        return self
+
+    def _choose_max_len(self, requested: int | None, model_ctx: int, slots: int) -> int:
+        """--max-model-len if given (bounded by the model), else the model's context,
+        shrunk so the static KV cache takes at most half of the free memory."""
+        if requested is not None:
+            if requested < 2:
+                raise UserInputError(f"--max-model-len {requested}: must be at least 2")
+            if requested > model_ctx:
+                raise UserInputError(
+                    f"--max-model-len {requested}: larger than the model's context "
+                    f"length {model_ctx}"
+                )
+            return requested
+        per_token = self.spec.kv_bytes_per_token * torch.finfo(self.placement.dtype).bits // 8
+        free = memory_info(self.placement.device).get("free_bytes")
+        if not free:
+            return model_ctx
+        fits = int(free * KV_MEMORY_SHARE) // (per_token * slots)
+        if fits < model_ctx:
+            log.warning(
+                "max_model_len %d (of %d) so that %d slots of KV cache fit in %.0f%% of free "
+                "memory; set --max-model-len or --max-concurrent to change",
+                fits,
+                model_ctx,
+                slots,
+                KV_MEMORY_SHARE * 100,
+            )
+        return max(2, min(model_ctx, fits))
+
+    # ---- requests ----------------------------------------------------------------------
+
+    @property
+    def poisoned(self) -> bool:
+        return self.scheduler is not None and self.scheduler.poison_reason is not None
+
+    @property
+    def poison_reason(self) -> str | None:
+        return self.scheduler.poison_reason if self.scheduler else None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **kwargs: Any,
+    ) -> str:
+        """Render messages with the model's (or --chat-template's) template."""
+        if self.template is None:
+            raise NoChatTemplateError(
+                f"model {self.served_model_name} has no chat template; use /v1/completions "
+                "or start the server with --chat-template FILE"
+            )
+        return self.template.render(
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=getattr(self.tokenizer, "bos_token", None) or "",
+            eos_token=getattr(self.tokenizer, "eos_token", None) or "",
+            **kwargs,
+        )
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        *,
+        add_special_tokens: bool = True,
+    ) -> GenerationStream:
+        """Admit a request and return its event stream (raises before any work if refused).
+
+        `add_special_tokens=False` for text that already carries them (a rendered chat
+        template starts with its own BOS).
+        """
+        scheduler = self._require_scheduler()
+        params.validate()
+        if isinstance(prompt, str):
+            ids = self.encode(prompt, add_special_tokens=add_special_tokens)
+        else:
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
+            if bad:
+                raise UserInputError(
+                    f"prompt token id {bad[0]} is outside the vocabulary "
+                    f"(0..{self.spec.vocab_size - 1})"
+                )
+        if not ids:
+            raise UserInputError("prompt is empty (no tokens after tokenization)")
+        if len(ids) > self.max_prompt_tokens:
+            raise PromptTooLongError(len(ids), self.max_prompt_tokens, "--max-prompt-tokens limit")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                len(ids), self.max_model_len - 1, "maximum prompt length for the context window"
+            )
+        self._check_memory()
+        stats = scheduler.stats()
+        if self.max_queue is not None and stats.waiting >= self.max_queue:
+            raise EngineOverloadedError(
+                f"{stats.waiting} requests already wait for a slot (--max-queue {self.max_queue})"
+            )
+        room = self.max_model_len - len(ids)
+        max_new = room if params.max_tokens is None else min(params.max_tokens, room)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def sink(item: GenerationEvent | BaseException) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the client's event loop is gone; nobody is listening
+                pass
+
+        seq = Sequence(
+            request_id=request_id,
+            prompt_ids=ids,
+            params=params,
+            max_new=max_new,
+            sink=sink,
+            decoder=self.tokenizer.incremental_decoder(),
+            stops=StopStringFilter(list(params.stop)),
+        )
+        scheduler.submit(seq)
+        return GenerationStream(scheduler, seq, queue)
+
+    def _require_scheduler(self) -> Scheduler:
+        if self.scheduler is None or self.closed:
+            raise EngineClosedError("the engine is shut down")
+        if self.scheduler.poison_reason is not None:
+            raise ModelPoisonedError(self.scheduler.poison_reason)
+        return self.scheduler
+
+    def _check_memory(self) -> None:
+        """On CUDA, refuse a request when a prefill chunk's activations would not fit."""
+        dev = self.placement.device
+        if dev.type != "cuda":
+            return
+        free, _ = torch.cuda.mem_get_info(dev)
+        need = self.activation_bytes() + CUDA_HEADROOM
+        if free < need:
+            raise InsufficientMemoryError(
+                f"not enough free GPU memory for a prefill step: {free >> 20} MiB free, "
+                f"need about {need >> 20} MiB"
+            )
+
+    def activation_bytes(self) -> int:
+        """Rough peak activation memory of one prefill chunk (bytes)."""
+        s = self.spec
+        width = (
+            (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
+            + 3 * max(s.intermediate_size, s.moe_intermediate_size)
+            + 4 * s.hidden_size
+        )
+        elem = torch.finfo(self.placement.dtype).bits // 8
+        scores = s.num_heads * self.prefill_chunk * self.max_model_len * 4
+        return self.prefill_chunk * width * elem + scores + s.vocab_size * 4 * self.max_concurrent
+
+    def inject_fault(self) -> None:
+        """Test hook: the next device step raises, poisoning the engine like a CUDA error."""
+        self._require_scheduler().inject_fault()
+
+    def stats(self) -> EngineStats:
+        if self.scheduler is None:
+            return EngineStats(0, 0, 0.0)
+        return self.scheduler.stats()
+
+    def close(self) -> None:
+        """Stop the scheduler thread (in-flight requests are abandoned)."""
+        self.closed = True
+        if self.scheduler is not None:
+            self.scheduler.stop()
+
+    # ---- introspection -----------------------------------------------------------------
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def info(self) -> dict[str, Any]:
+        """What GET /model shows: format, architecture, dtype and why, device, memory, limits."""
+        files = self.files
+        weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        metadata: dict[str, Any] = {}
+        if files.gguf is not None:
+            for key, value in files.gguf.metadata.items():
+                if isinstance(value, list | tuple) or hasattr(value, "shape"):
+                    continue  # token tables: thousands of entries, see /tensors and inspect
+                metadata[key] = value
+        return {
+            "source": self.source,
+            "path": str(files.path),
+            "format": str(getattr(files.format, "value", files.format)),
+            "architecture": self.spec.architecture,
+            "dtype": self.placement.dtype_name,
+            "dtype_reason": self.placement.reason,
+            "device": str(self.placement.device),
+            "threads": self.threads,
+            "parameters": self.num_parameters,
+            "memory": {
+                "weights_bytes": weights_bytes,
+                "kv_cache_bytes": self.cache.nbytes,
+                "device": memory_info(self.placement.device),
+            },
+            "max_model_len": self.max_model_len,
+            "context_length": int(self.config.max_position_embeddings),
+            "max_concurrent": self.max_concurrent,
+            "max_prompt_tokens": self.max_prompt_tokens,
+            "prefill_chunk": self.prefill_chunk,
+            "eos_token_ids": sorted(self.eos_token_ids),
+            "chat_template": self.template is not None,
+            "load_seconds": round(self.load_seconds, 3),
+            "poisoned": self.poisoned,
+            "config": self.config.to_dict(),
+            "metadata": metadata,
+        }
+
+    def tensors(self) -> list[dict[str, Any]]:
+        """The checkpoint's tensors (name, dtype, shape) for GET /tensors."""
+        return list(weights.iter_tensor_rows(self.files))

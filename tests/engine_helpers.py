@@ -1,0 +1,54 @@
+"""Helpers shared by the engine tests: run a stream to completion, HF greedy oracle."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import torch
+from modeldeploy.server.engine.engine import Engine, GenerationEvent
+from modeldeploy.server.engine.sampling import SamplingParams
+
+
+@dataclass
+class Result:
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    events: list[GenerationEvent]
+
+
+async def collect(engine: Engine, prompt, **params) -> Result:
+    """Run one request to its end and gather its tokens, text and final event."""
+    events = [ev async for ev in engine.generate(prompt, SamplingParams(**params), "test")]
+    return Result(
+        [t for ev in events for t in ev.token_ids],
+        "".join(ev.text for ev in events),
+        events[-1].finish_reason,
+        events,
+    )
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens from a transformers model by explicit argmax (no generation config)."""
+    x = torch.tensor([ids])
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            tok = int(hf_model(x).logits[0, -1].argmax())
+            out.append(tok)
+            x = torch.cat([x, torch.tensor([[tok]])], dim=1)
+    return out
+
+
+def prompt_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
+    """Our logits (T, V) for a whole prompt in one forward, in a private KV cache."""
+    from modeldeploy.server.engine.model import KVCache
+
+    cache = KVCache(engine.spec, 1, len(ids), engine.placement.dtype, engine.placement.device)
+    with torch.inference_mode():
+        return engine.model(torch.tensor([ids]), torch.arange(len(ids))[None], [0], cache)[0]
