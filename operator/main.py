@@ -13,11 +13,10 @@ import logging
 import os
 
 import kopf
-from prometheus_client import start_http_server
-
 from modeldeploy.operator import handlers, metrics
 from modeldeploy.operator.spec import SERVER_IMAGE_ENV, default_server_image
 from modeldeploy.server.errors import UserInputError
+from prometheus_client import start_http_server
 
 HEALTH_PORT_ENV = "MODELDEPLOY_OPERATOR_HEALTH_PORT"
 METRICS_PORT_ENV = "MODELDEPLOY_OPERATOR_METRICS_PORT"
@@ -45,9 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NS",
         help="watch this namespace (repeatable)",
     )
-    parser.add_argument(
-        "--all-namespaces", "-A", action="store_true", help="watch every namespace"
-    )
+    parser.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
     parser.add_argument(
         "--server-image",
         default=None,

@@ -19,7 +19,6 @@ import kubernetes_validate
 import pytest
 import yaml
 from kube.crd import load_crd
-
 from modeldeploy.operator import builders, labels
 from modeldeploy.operator.spec import ModelDeploymentSpec, parse_spec
 from modeldeploy.server import contract, harvest_cli
@@ -85,7 +84,13 @@ def test_children_are_valid_kubernetes_objects(path: Path) -> None:
 
 
 def test_children_share_labels_selector_and_owner() -> None:
-    spec = _spec({"model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct"}, "monitoring": {"podMonitor": True}, "storage": {"create": {"size": "1Gi"}}})  # fmt: skip
+    spec = _spec(
+        {
+            "model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct"},
+            "monitoring": {"podMonitor": True},
+            "storage": {"create": {"size": "1Gi"}},
+        }
+    )
     children = builders.build_children(spec)
     assert [c["kind"] for c in children] == [
         "PersistentVolumeClaim",
@@ -127,13 +132,25 @@ def test_harvest_and_serve_get_arguments_their_parsers_accept() -> None:
     """The pod runs exactly `modeldeploy harvest ...` and `modeldeploy serve ...` as built."""
     spec = _spec(
         {
-            "model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF", "quant": "Q4_K_M", "revision": "v2"},
-            "server": {"port": 9000, "maxConcurrent": 3, "maxQueue": 7, "timeoutSeconds": 60, "maxPromptTokens": 999, "drainTimeoutSeconds": 12, "extraArgs": ["--max-model-len", "2048"]},
+            "model": {
+                "source": "hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF",
+                "quant": "Q4_K_M",
+                "revision": "v2",
+            },
+            "server": {
+                "port": 9000,
+                "maxConcurrent": 3,
+                "maxQueue": 7,
+                "timeoutSeconds": 60,
+                "maxPromptTokens": 999,
+                "drainTimeoutSeconds": 12,
+                "extraArgs": ["--max-model-len", "2048"],
+            },
             "dtype": "bfloat16",
             "env": [{"name": "MODELDEPLOY_LOG_LEVEL", "value": "debug"}],
         },
         name="qwen",
-    )  # fmt: skip
+    )
     harvest, server = _container(spec, "harvest"), _container(spec, "server")
     assert harvest["command"] == server["command"] == ["modeldeploy"]
     assert harvest["args"][0] == "harvest"
@@ -168,12 +185,21 @@ def test_harvest_and_serve_get_arguments_their_parsers_accept() -> None:
     ("storage", "volume"),
     [
         ({}, {"name": "models", "emptyDir": {}}),
-        ({"emptyDir": {"sizeLimit": "8Gi", "medium": "Memory"}}, {"name": "models", "emptyDir": {"sizeLimit": "8Gi", "medium": "Memory"}}),
-        ({"claim": {"name": "shared"}}, {"name": "models", "persistentVolumeClaim": {"claimName": "shared"}}),
-        ({"create": {"size": "20Gi"}}, {"name": "models", "persistentVolumeClaim": {"claimName": "demo-models"}}),
+        (
+            {"emptyDir": {"sizeLimit": "8Gi", "medium": "Memory"}},
+            {"name": "models", "emptyDir": {"sizeLimit": "8Gi", "medium": "Memory"}},
+        ),
+        (
+            {"claim": {"name": "shared"}},
+            {"name": "models", "persistentVolumeClaim": {"claimName": "shared"}},
+        ),
+        (
+            {"create": {"size": "20Gi"}},
+            {"name": "models", "persistentVolumeClaim": {"claimName": "demo-models"}},
+        ),
     ],
     ids=["default-emptydir", "emptydir-options", "existing-claim", "created-claim"],
-)  # fmt: skip
+)
 def test_storage_kinds_mount_one_models_volume(storage, volume) -> None:
     spec = _spec({"model": {"source": "hf://a/b"}, **({"storage": storage} if storage else {})})
     pod = _pod(spec)
@@ -195,7 +221,18 @@ def test_storage_kinds_mount_one_models_volume(storage, volume) -> None:
 
 
 def test_created_claim_options() -> None:
-    spec = _spec({"model": {"source": "hf://a/b"}, "storage": {"create": {"size": "5Gi", "storageClassName": "fast", "accessModes": ["ReadWriteMany"]}}})  # fmt: skip
+    spec = _spec(
+        {
+            "model": {"source": "hf://a/b"},
+            "storage": {
+                "create": {
+                    "size": "5Gi",
+                    "storageClassName": "fast",
+                    "accessModes": ["ReadWriteMany"],
+                }
+            },
+        }
+    )
     assert builders.build_pvc(spec)["spec"] == {
         "accessModes": ["ReadWriteMany"],
         "resources": {"requests": {"storage": "5Gi"}},
@@ -225,7 +262,9 @@ def test_hf_token_reaches_both_containers() -> None:
         assert _env(_container(with_token, name))["HF_TOKEN"] == {
             "secretKeyRef": {"name": "hf", "key": "token"}
         }
-    custom_key = _spec({"model": {"source": "hf://o/r"}, "hfTokenSecretRef": {"name": "s", "key": "k"}})  # fmt: skip
+    custom_key = _spec(
+        {"model": {"source": "hf://o/r"}, "hfTokenSecretRef": {"name": "s", "key": "k"}}
+    )
     assert _env(_container(custom_key, "harvest"))["HF_TOKEN"]["secretKeyRef"]["key"] == "k"
     without = _spec({"model": {"source": "hf://org/open"}})
     for name in ("harvest", "server"):
@@ -236,13 +275,16 @@ def test_hf_token_reaches_both_containers() -> None:
     ("spec", "limits"),
     [
         ({"device": "cuda"}, {"nvidia.com/gpu": 1}),
-        ({"device": "cuda", "resources": {"limits": {"memory": "8Gi"}}}, {"memory": "8Gi", "nvidia.com/gpu": 1}),
+        (
+            {"device": "cuda", "resources": {"limits": {"memory": "8Gi"}}},
+            {"memory": "8Gi", "nvidia.com/gpu": 1},
+        ),
         ({"device": "cuda", "resources": {"limits": {"nvidia.com/gpu": 2}}}, {"nvidia.com/gpu": 2}),
         ({"device": "cpu"}, None),
         ({"device": "auto", "resources": {"limits": {"memory": "2Gi"}}}, {"memory": "2Gi"}),
     ],
     ids=["cuda-default-gpu", "cuda-keeps-limits", "cuda-explicit-count", "cpu", "auto"],
-)  # fmt: skip
+)
 def test_gpu_request_follows_device(spec, limits) -> None:
     built = _spec({"model": {"source": "hf://a/b"}, **spec})
     server = _container(built, "server")
@@ -253,14 +295,18 @@ def test_gpu_request_follows_device(spec, limits) -> None:
 
 @pytest.mark.parametrize("timeout", [60, 1800, 1805, 7200])
 def test_startup_probe_window_covers_startup_timeout(timeout: int) -> None:
-    server = _container(_spec({"model": {"source": "hf://a/b"}, "startupTimeoutSeconds": timeout}), "server")  # fmt: skip
+    server = _container(
+        _spec({"model": {"source": "hf://a/b"}, "startupTimeoutSeconds": timeout}), "server"
+    )
     startup = server["startupProbe"]
     window = startup["periodSeconds"] * startup["failureThreshold"]
     assert timeout <= window < timeout + startup["periodSeconds"]
     assert startup["httpGet"] == {"path": contract.READY_PATH, "port": "http"}
     assert server["readinessProbe"]["httpGet"] == {"path": contract.READY_PATH, "port": "http"}
     assert server["livenessProbe"]["httpGet"] == {"path": contract.HEALTH_PATH, "port": "http"}
-    deployment = builders.build_deployment(_spec({"model": {"source": "hf://a/b"}, "startupTimeoutSeconds": timeout}))  # fmt: skip
+    deployment = builders.build_deployment(
+        _spec({"model": {"source": "hf://a/b"}, "startupTimeoutSeconds": timeout})
+    )
     assert deployment["spec"]["progressDeadlineSeconds"] > timeout
 
 
@@ -302,11 +348,25 @@ def test_scheduling_and_image_options_reach_the_pod() -> None:
             "imagePullPolicy": "Always",
             "imagePullSecrets": [{"name": "regcred"}],
             "nodeSelector": {"pool": "gpu"},
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
+            "tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+            ],
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {
+                                "matchExpressions": [
+                                    {"key": "zone", "operator": "In", "values": ["a"]}
+                                ]
+                            }
+                        ]
+                    }
+                }
+            },
             "env": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
         }
-    )  # fmt: skip
+    )
     pod = _pod(spec)
     assert pod["nodeSelector"] == {"pool": "gpu"}
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
@@ -339,8 +399,10 @@ def test_template_hash_changes_with_the_pod_not_with_the_replica_count() -> None
 def test_podmonitor_only_when_asked() -> None:
     assert builders.build_podmonitor(_spec({"model": {"source": "hf://a/b"}})) is None
     monitor = builders.build_podmonitor(
-        _spec({"model": {"source": "hf://a/b"}, "monitoring": {"podMonitor": True, "interval": "15s"}})
-    )  # fmt: skip
+        _spec(
+            {"model": {"source": "hf://a/b"}, "monitoring": {"podMonitor": True, "interval": "15s"}}
+        )
+    )
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["spec"]["podMetricsEndpoints"] == [
         {"port": "http", "path": "/metrics", "interval": "15s"}

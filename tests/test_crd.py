@@ -16,7 +16,6 @@ import pytest
 import yaml
 from kube.cluster import MD, ApiStatusError, Cluster
 from kube.crd import MODELDEPLOYMENT_CRD, Invalid, load_crd
-
 from modeldeploy.operator import spec as spec_mod
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.yaml"))
@@ -119,39 +118,79 @@ BASE = {
 #: (id, change to the spec, the field the refusal must name)
 INVALID = [
     ("typo-field", {"replica": 2}, "spec.replica"),
-    ("typo-nested", {"model": {"source": "hf://a/b", "quantization": "Q4"}}, "spec.model.quantization"),
+    (
+        "typo-nested",
+        {"model": {"source": "hf://a/b", "quantization": "Q4"}},
+        "spec.model.quantization",
+    ),
     ("bad-scheme", {"model": {"source": "s3://bucket/model"}}, "spec.model.source"),
     ("relative-path", {"model": {"source": "models/x.gguf"}}, "spec.model.source"),
     ("hf-without-repo", {"model": {"source": "hf://justorg"}}, "spec.model.source"),
     ("no-source", {"model": {"quant": "Q4"}}, "spec.model.source"),
     ("negative-replicas", {"replicas": -1}, "spec.replicas"),
     ("replicas-as-text", {"replicas": "three"}, "spec.replicas"),
-    ("two-storage-kinds", {"storage": {"emptyDir": {}, "claim": {"name": "models"}}}, "spec.storage"),
+    (
+        "two-storage-kinds",
+        {"storage": {"emptyDir": {}, "claim": {"name": "models"}}},
+        "spec.storage",
+    ),
     ("no-storage-kind", {"storage": {}}, "spec.storage"),
     ("create-without-size", {"storage": {"create": {}}}, "spec.storage.create.size"),
     ("port-too-low", {"server": {"port": 80}}, "spec.server.port"),
     ("port-too-high", {"server": {"port": 70000}}, "spec.server.port"),
-    ("revision-on-file", {"model": {"source": "file:///m/x.gguf", "revision": "v1"}}, "spec.model.revision"),
-    ("revision-on-pvc", {"model": {"source": "pvc://store/x.gguf", "revision": "v1"}}, "spec.model.revision"),
-    ("revision-twice", {"model": {"source": "hf://a/b@v2", "revision": "v1"}}, "spec.model.revision"),
+    (
+        "revision-on-file",
+        {"model": {"source": "file:///m/x.gguf", "revision": "v1"}},
+        "spec.model.revision",
+    ),
+    (
+        "revision-on-pvc",
+        {"model": {"source": "pvc://store/x.gguf", "revision": "v1"}},
+        "spec.model.revision",
+    ),
+    (
+        "revision-twice",
+        {"model": {"source": "hf://a/b@v2", "revision": "v1"}},
+        "spec.model.revision",
+    ),
     ("startup-too-short", {"startupTimeoutSeconds": 10}, "spec.startupTimeoutSeconds"),
     ("startup-too-long", {"startupTimeoutSeconds": 100000}, "spec.startupTimeoutSeconds"),
     ("unknown-dtype", {"dtype": "int4"}, "spec.dtype"),
     ("unknown-device", {"device": "tpu"}, "spec.device"),
     ("quant-with-space", {"model": {"source": "hf://a/b", "quant": "Q4 K"}}, "spec.model.quant"),
     ("managed-flag", {"server": {"extraArgs": ["--port=9000"]}}, "spec.server.extraArgs"),
-    ("managed-flag-split", {"server": {"extraArgs": ["--host", "1.2.3.4"]}}, "spec.server.extraArgs"),
+    (
+        "managed-flag-split",
+        {"server": {"extraArgs": ["--host", "1.2.3.4"]}},
+        "spec.server.extraArgs",
+    ),
     ("token-in-env", {"env": [{"name": "HF_TOKEN", "value": "hf_x"}]}, "spec.env[0]"),
     ("env-value-and-from", {"env": [{"name": "A", "value": "1", "valueFrom": {}}]}, "spec.env[0]"),
-    ("duplicate-env", {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}, "spec.env[1]"),
+    (
+        "duplicate-env",
+        {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]},
+        "spec.env[1]",
+    ),
     ("secret-without-name", {"hfTokenSecretRef": {"key": "token"}}, "spec.hfTokenSecretRef.name"),
     ("bad-quantity", {"resources": {"limits": {"memory": "lots"}}}, "spec.resources.limits.memory"),
-    ("gpu-on-cpu", {"device": "cpu", "resources": {"limits": {"nvidia.com/gpu": 1}}}, "spec.resources.limits"),
-    ("monitor-without-metrics", {"monitoring": {"podMonitor": True}, "server": {"extraArgs": ["--no-metrics"]}}, "spec.server.extraArgs"),
-    ("bad-toleration", {"tolerations": [{"key": "a", "effect": "Sometimes"}]}, "spec.tolerations[0].effect"),
+    (
+        "gpu-on-cpu",
+        {"device": "cpu", "resources": {"limits": {"nvidia.com/gpu": 1}}},
+        "spec.resources.limits",
+    ),
+    (
+        "monitor-without-metrics",
+        {"monitoring": {"podMonitor": True}, "server": {"extraArgs": ["--no-metrics"]}},
+        "spec.server.extraArgs",
+    ),
+    (
+        "bad-toleration",
+        {"tolerations": [{"key": "a", "effect": "Sometimes"}]},
+        "spec.tolerations[0].effect",
+    ),
     ("bad-interval", {"monitoring": {"interval": "often"}}, "spec.monitoring.interval"),
     ("bad-pull-policy", {"imagePullPolicy": "Sometimes"}, "spec.imagePullPolicy"),
-]  # fmt: skip
+]
 
 
 def _with(change: Mapping[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -27,6 +28,8 @@ from modeldeploy.server.contract import MODELS_MOUNT, SERVER_PORT
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILES = {"server": REPO / "Dockerfile.server", "operator": REPO / "Dockerfile.operator"}
+#: Leading RUN options (`--mount=...`, `--network=...`), which only BuildKit interprets.
+_RUN_FLAGS = re.compile(r"^(--[a-z]+=\S+\s+)+")
 #: Commands allowed in the RUN steps that the replay skips: image-only user setup.
 _SYSTEM_COMMANDS = {"groupadd", "useradd", "mkdir", "chown"}
 
@@ -107,19 +110,20 @@ def replay(name: str, root: Path, build_args: dict[str, str] | None = None) -> R
                     target.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(path, target / path.name)
         elif instruction == "RUN":
-            if _is_system_step(value):
-                skipped.append(value)
+            command = _RUN_FLAGS.sub("", value)  # --mount=type=cache,...: BuildKit's business
+            if _is_system_step(command):
+                skipped.append(command)
                 continue
             env = {**os.environ, **context}
             done = subprocess.run(
-                ["/bin/sh", "-c", value],
+                ["/bin/sh", "-c", command],
                 cwd=workdir,
                 env=env,
                 capture_output=True,
                 text=True,
                 timeout=900,
             )
-            assert done.returncode == 0, f"RUN {value!r} failed:\n{done.stdout}\n{done.stderr}"
+            assert done.returncode == 0, f"RUN {command!r} failed:\n{done.stdout}\n{done.stderr}"
         elif instruction == "ENTRYPOINT":
             entrypoint = json.loads(value)
     return Replay(root=root, venv=venv, env=env, entrypoint=entrypoint, skipped=skipped)

@@ -526,3 +526,11 @@ def test_gguf_tensor_record_is_what_the_contract_names(tiny_models):
         4096,
         4096 // 32 * 18,
     )
+
+
+def test_gguf_rope_freqs_tensor_is_reported_as_rope_scaling(tiny_models):
+    g = GGUFFile.open(tiny_models.gguf("llama", "F32"))
+    names = [t.name for t in g.tensors]
+    assert config_from_gguf(g.metadata, names).rope_scaling is None
+    scaled = config_from_gguf(g.metadata, [*names, "rope_freqs.weight"])
+    assert scaled.rope_scaling == {"rope_type": "rope_freqs", "tensor": "rope_freqs.weight"}

@@ -402,11 +402,14 @@ def test_queue_full_is_429_with_retry_after_and_the_rest_succeed(
     """Fill the slots with long streams and the queue with short requests: the next get 429."""
     long_body = {"prompt": "Long:", "max_tokens": 480, "ignore_eos": True, "stream": True}
     short_body = {"prompt": "Short:", "max_tokens": 5, "ignore_eos": True}
-    with contextlib.ExitStack() as streams, concurrent.futures.ThreadPoolExecutor(4) as pool:
+    readers = []  # keep the line iterators: dropping one closes its stream
+    # exit order matters: the streams close first, then the pool waits for the queued ones
+    with concurrent.futures.ThreadPoolExecutor(4) as pool, contextlib.ExitStack() as streams:
         for _ in range(MAX_CONCURRENT):
             response = streams.enter_context(http.stream("POST", "/v1/completions", json=long_body))
             assert response.status_code == 200
-            next(response.iter_lines())  # generating
+            readers.append(response.iter_lines())
+            next(readers[-1])  # generating
         queued = [
             pool.submit(http.post, "/v1/completions", json=short_body) for _ in range(MAX_QUEUE)
         ]

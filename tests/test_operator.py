@@ -19,7 +19,6 @@ import pytest
 from kube import pods
 from kube.cluster import MD, PODMONITORS, Cluster, wait_for
 from kube.operator_runner import TEST_IMAGE, OperatorRunner
-
 from modeldeploy.operator import labels, metrics
 
 DEPLOYMENTS = kmock.resource("apps", "v1", "deployments")
@@ -250,7 +249,10 @@ def test_restarted_operator_converges_without_duplicates(env: Env) -> None:
     wait_phase(env, "latecomer", "Pending")
     env.restart()  # once more: a resume must not create anything new
     wait_phase(env, "latecomer", "Pending")
-    for name, kinds in (("steady", (DEPLOYMENTS, SERVICES)), ("latecomer", (DEPLOYMENTS, SERVICES, PVCS))):  # fmt: skip
+    for name, kinds in (
+        ("steady", (DEPLOYMENTS, SERVICES)),
+        ("latecomer", (DEPLOYMENTS, SERVICES, PVCS)),
+    ):
         for res in kinds:
             assert len(owned(env, res, name)) == 1, (name, res.plural)
     history = env.cluster.call(
@@ -270,10 +272,12 @@ def test_hand_edits_of_children_are_undone(env: Env) -> None:
         content_type="application/json-patch+json",
     )
     wait_for(
-        lambda: env.cluster.get(DEPLOYMENTS, env.ns, "guarded")["spec"]["template"]["spec"][
-            "containers"
-        ][0]["image"]
-        == TEST_IMAGE,
+        lambda: (
+            env.cluster.get(DEPLOYMENTS, env.ns, "guarded")["spec"]["template"]["spec"][
+                "containers"
+            ][0]["image"]
+            == TEST_IMAGE
+        ),
         what="the image restored",
     )
     env.cluster.delete(DEPLOYMENTS, env.ns, "guarded")
@@ -284,8 +288,10 @@ def test_delete_removes_the_finalizer_and_the_children(env: Env) -> None:
     env.cluster.create(MD, manifest("doomed", env.ns, storage={"create": {"size": "1Gi"}}))
     wait_for(lambda: env.cluster.get_or_none(PVCS, env.ns, "doomed-models"))
     wait_for(
-        lambda: labels.FINALIZER
-        in (env.cluster.get(MD, env.ns, "doomed")["metadata"].get("finalizers") or [])
+        lambda: (
+            labels.FINALIZER
+            in (env.cluster.get(MD, env.ns, "doomed")["metadata"].get("finalizers") or [])
+        )
     )
     env.cluster.delete(MD, env.ns, "doomed")
     wait_for(lambda: env.cluster.get_or_none(MD, env.ns, "doomed") is None, what="CR gone")

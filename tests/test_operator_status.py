@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from kube import pods
-
 from modeldeploy.operator import builders, status
 from modeldeploy.operator.spec import parse_spec
 

@@ -296,3 +296,45 @@ def test_incremental_decoder_skips_special_tokens_unless_asked(tiny_models):
     assert "".join(_stream(tok.incremental_decoder(), ids)) == "Hi"
     kept = tok.incremental_decoder(skip_special_tokens=False)
     assert "".join(_stream(kept, ids)) == "Hi<|im_end|>"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiny_models_encode_like_transformers_autotokenizer(tiny_models, arch):
+    from transformers import AutoTokenizer
+
+    gguf = tiny_models.gguf(arch)
+    pairs = [
+        (
+            Tokenizer.from_files(tiny_models.hf(arch), None),
+            AutoTokenizer.from_pretrained(str(tiny_models.hf(arch))),
+        ),
+        (
+            Tokenizer.from_files(None, _gguf_metadata(gguf)),
+            AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name),
+        ),
+    ]
+    for ours, theirs in pairs:
+        for text in [*CORPUS[:3], *EXTRA_TEXTS, SPECIAL_TEXT[arch]]:
+            for special in (True, False):
+                assert ours.encode(text, special) == theirs.encode(text, add_special_tokens=special)
+        assert ours.bos_token_id == theirs.bos_token_id
+        assert ours.eos_token == theirs.eos_token
+
+
+def test_token_bytes_reassemble_the_utf8_text(tiny_models, sentencepiece_vocab):
+    _, meta = sentencepiece_vocab
+    spm = Tokenizer(
+        tokenizer_from_gguf({**meta, "general.architecture": "gemma3"}),
+        bos_token_id=1,
+        eos_token_ids={2},
+        primary_eos_id=2,
+        source="test",
+    )
+    byte_level = Tokenizer.from_files(tiny_models.hf("qwen2"), None)
+    for tok in (byte_level, spm):
+        for text in ["Hi Ж🙂 done", *EXTRA_TEXTS]:
+            ids = tok.encode(text, add_special_tokens=False)
+            assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+    emoji = spm.encode("Ж", add_special_tokens=False)
+    assert [spm.token_bytes(i) for i in emoji] == [b"\xd0", b"\x96"]
+    assert byte_level.token_bytes(byte_level.token_to_id("<|im_end|>")) == b"<|im_end|>"

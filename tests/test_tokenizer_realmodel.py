@@ -94,6 +94,8 @@ def test_streaming_decode_of_real_vocabularies_is_whole_characters(real_models, 
         deltas = [decoder.push(i) for i in ids] + [decoder.flush()]
         assert "".join(deltas) == ours.decode(ids)
         assert not any("\ufffd" in d for d in deltas), text
+        if "<" not in text:  # logprobs' per-token bytes add up to the text's UTF-8
+            assert b"".join(ours.token_bytes(i) for i in ids) == text.encode("utf-8")
 
 
 def test_end_of_generation_ids(real_models):

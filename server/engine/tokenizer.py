@@ -14,11 +14,17 @@ raw completion prompts use the default `True`, which adds BOS where the model wa
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from modeldeploy.server.engine.gguf_tokenizer import template_processing, tokenizer_from_gguf
+from modeldeploy.server.engine.gguf_tokenizer import (
+    SPM_SPACE,
+    byte_alphabet,
+    template_processing,
+    tokenizer_from_gguf,
+)
 from modeldeploy.server.errors import FormatError
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -43,6 +49,7 @@ END_OF_GENERATION_TEXTS = (
 )
 
 REPLACEMENT_CHAR = "\ufffd"
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback tokens
 
 
 class Tokenizer:
@@ -65,9 +72,12 @@ class Tokenizer:
         self.bos_token = backend.id_to_token(bos_token_id) if bos_token_id is not None else None
         self.eos_token = backend.id_to_token(primary_eos_id) if primary_eos_id is not None else None
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
-        self._special_ids = frozenset(
-            i for i, tok in backend.get_added_tokens_decoder().items() if tok.special
-        )
+        added = backend.get_added_tokens_decoder()
+        self._special_ids = frozenset(i for i, tok in added.items() if tok.special)
+        self._added_ids = frozenset(added)
+        decoder = backend.decoder.__getstate__() if backend.decoder is not None else b""
+        self._byte_level = b'"ByteLevel"' in decoder
+        self._byte_values = {c: b for b, c in byte_alphabet().items()}
 
     @classmethod
     def from_files(
@@ -159,6 +169,24 @@ class Tokenizer:
         """The vocabulary spelling of `token_id` (byte-level or `▁` form, not decoded text)."""
         return self._tok.id_to_token(token_id)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for (OpenAI logprobs' `bytes`), even when the token
+        is only part of a UTF-8 character and so has no text of its own."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._added_ids:
+            return piece.encode("utf-8")
+        if self._byte_level:
+            values = self._byte_values
+            if all(c in values for c in piece):
+                return bytes(values[c] for c in piece)
+            return piece.encode("utf-8")
+        match = _BYTE_PIECE.fullmatch(piece)
+        if match:
+            return bytes([int(match.group(1), 16)])
+        return piece.replace(SPM_SPACE, " ").encode("utf-8")
+
     def incremental_decoder(self, skip_special_tokens: bool = True) -> IncrementalDecoder:
         """A decoder for one generated stream; see `IncrementalDecoder`."""
         return IncrementalDecoder(self, skip_special_tokens=skip_special_tokens)
@@ -204,7 +232,7 @@ class IncrementalDecoder:
         full = decode(self._ids[self._prefix_offset :], self._skip)
         if not final and (len(full) <= len(prefix) or full.endswith(REPLACEMENT_CHAR)):
             return ""
-        delta = full[len(prefix) :] if full.startswith(prefix) else full
+        delta = full[len(prefix) :]
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
         return delta

@@ -52,6 +52,9 @@ EOG_TOKEN_TEXTS = (
     "<end_of_utterance>",
 )
 
+#: The tensor in which llama.cpp stores Llama 3.1+ rope scaling (per-frequency divisors).
+ROPE_FREQS_TENSOR = "rope_freqs.weight"
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
@@ -68,7 +71,9 @@ class NormalizedConfig:
     Conventions: `head_dim` is the per-head q/k/v width; `num_kv_heads` < `num_heads` means
     grouped-query attention. `rope_scaling` is None for plain rope, else a dict with
     `rope_type` ('linear', 'dynamic', 'yarn', 'llama3', ...) and that type's parameters in HF
-    spelling. `layer_types` (per layer 'sliding_attention' | 'full_attention') is None when all
+    spelling; from a GGUF with a `rope_freqs.weight` tensor it is {'rope_type': 'rope_freqs',
+    'tensor': 'rope_freqs.weight'}: divide each rope frequency by that tensor's entries.
+    `layer_types` (per layer 'sliding_attention' | 'full_attention') is None when all
     layers are alike; then `sliding_window`, when set, applies to every layer (Mistral style).
     `rope_local_theta` is the rope base of sliding layers where it differs (gemma3).
     `attention_bias`: q/k/v projections carry biases (qwen2; llama/mistral `attention_bias`
@@ -419,6 +424,11 @@ def _gguf_config(
         ):
             if opt(key) is not None:
                 scaling[hf_key] = float(opt(key))
+
+    if names is not None and ROPE_FREQS_TENSOR in names:
+        # Llama 3.1+ GGUFs carry their rope scaling as precomputed per-frequency divisors
+        # (llama.cpp: theta_i / rope_freqs[i]) instead of metadata.
+        scaling = {"rope_type": "rope_freqs", "tensor": ROPE_FREQS_TENSOR, **(scaling or {})}
 
     window = opt("attention.sliding_window")
     window = int(window) if isinstance(window, int) and window > 0 else None

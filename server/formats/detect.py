@@ -20,6 +20,14 @@ APR_MAGICS = (b"APR\0", b"APR1", b"APR2", b"APRN")
 SAFETENSORS_MAX_HEADER = 100_000_000
 
 
+def shown(text: str, limit: int = 80) -> str:
+    """A name taken from a file, safe for a one-line message: control characters escaped and
+    long names cut, so a hostile key or tensor name cannot forge or flood the error line."""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return repr(text)[1:-1]
+
+
 class ModelFormat(enum.StrEnum):
     """The model file formats we read."""
 

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from modeldeploy.server.errors import FormatError
-from modeldeploy.server.formats.detect import INDEX_SUFFIX, SAFETENSORS_MAX_HEADER
+from modeldeploy.server.formats.detect import INDEX_SUFFIX, SAFETENSORS_MAX_HEADER, shown
 
 #: bytes per element of each SafeTensors dtype (sub-byte float types are not served)
 DTYPE_SIZES = {
@@ -97,21 +97,21 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 
 def _tensor_info(path: Path, name: str, entry: Any, data_size: int) -> TensorInfo:
     if not isinstance(entry, dict):
-        raise FormatError(f"{path}: tensor '{name}' header entry is not an object")
+        raise FormatError(f"{path}: tensor '{shown(name)}' header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-        raise FormatError(f"{path}: tensor '{name}' has unsupported dtype {dtype!r}")
+        raise FormatError(f"{path}: tensor '{shown(name)}' has unsupported dtype {dtype!r}")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
-        raise FormatError(f"{path}: tensor '{name}' has an invalid shape {shape!r}")
+        raise FormatError(f"{path}: tensor '{shown(name)}' has an invalid shape {shape!r}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        raise FormatError(f"{path}: tensor '{name}' has invalid data_offsets {offsets!r}")
+        raise FormatError(f"{path}: tensor '{shown(name)}' has invalid data_offsets {offsets!r}")
     count = 1
     for d in shape:
         count *= d
@@ -119,11 +119,12 @@ def _tensor_info(path: Path, name: str, entry: Any, data_size: int) -> TensorInf
     begin, end = offsets
     if end - begin != nbytes:
         raise FormatError(
-            f"{path}: tensor '{name}' spans {end - begin} bytes but {dtype}{shape} needs {nbytes}"
+            f"{path}: tensor '{shown(name)}' spans {end - begin} bytes "
+            f"but {dtype}{shape} needs {nbytes}"
         )
     if end > data_size:
         raise FormatError(
-            f"{path}: tensor '{name}' data offsets {begin}..{end} run past the end of the "
+            f"{path}: tensor '{shown(name)}' data offsets {begin}..{end} run past the end of the "
             f"file's {data_size} data bytes (truncated?)"
         )
     return TensorInfo(name, dtype, tuple(shape), nbytes, path)
@@ -206,18 +207,21 @@ class SafeTensorsModel:
         shards: dict[str, list[str]] = {}
         for name, shard in weight_map.items():
             if not isinstance(shard, str) or not shard:
-                raise FormatError(f"{index_path}: tensor '{name}' maps to {shard!r}, not a file")
+                raise FormatError(
+                    f"{index_path}: tensor '{shown(name)}' maps to "
+                    f"'{shown(str(shard))}', not a file"
+                )
             pure = PurePosixPath(shard)
             if pure.is_absolute() or ".." in pure.parts or "\\" in shard:
                 raise FormatError(
-                    f"{index_path}: shard {shard!r} (for tensor '{name}') is outside the "
-                    "model directory"
+                    f"{index_path}: shard '{shown(shard)}' (for tensor '{shown(name)}') "
+                    "is outside the model directory"
                 )
             shards.setdefault(shard, []).append(name)
         missing = [s for s in shards if not (directory / s).is_file()]
         if missing:
             raise FormatError(
-                f"{index_path}: shard {missing[0]} named in the index is missing"
+                f"{index_path}: shard {shown(missing[0])} named in the index is missing"
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                 + " (incomplete download?)"
             )
@@ -233,7 +237,7 @@ class SafeTensorsModel:
                 info = in_shard.get(name)
                 if info is None:
                     raise FormatError(
-                        f"{index_path}: tensor '{name}' is mapped to shard {shard} "
+                        f"{index_path}: tensor '{shown(name)}' is mapped to shard {shown(shard)} "
                         "but that shard does not contain it"
                     )
                 tensors[name] = info

@@ -1,11 +1,13 @@
 """Run the real modeldeploy operator in-process, in its own thread and event loop.
 
-`kopf.operator()` waits 5 s at shutdown for tasks it did not start; spawning
-the tasks with `kopf.spawn_tasks` and running them with `kopf.run_tasks`
-(ignoring the runner's own task) stops in well under a second, so a test can
-stop and restart the operator mid-way. The operator connects to the emulator
-through the same login path it uses in a cluster: a preset client
-configuration instead of the kubeconfig.
+`kopf.operator()` waits 5 s at shutdown for tasks it did not start, and
+`kopf.run_tasks` waits as long for per-object tasks that outlive the root tasks
+(a timer re-spawned by an event that arrived during the shutdown). Spawning the
+tasks with `kopf.spawn_tasks`, running them with `kopf.run_tasks` (ignoring our
+own tasks) and cancelling the stragglers once the root tasks are done stops the
+operator in well under a second, so a test can stop and restart it mid-way.
+The operator connects to the emulator through the same login path it uses in
+a cluster: a preset client configuration instead of the kubeconfig.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from types import TracebackType
 
 import kopf
 from kubernetes import client as k8s_client
-
 from modeldeploy.operator import handlers
 
 TEST_IMAGE = "registry.test/modeldeploy-server:test"
@@ -92,4 +93,16 @@ class OperatorRunner:
             stop_flag=self._stop,
             ready_flag=self._ready,
         )
-        await kopf.run_tasks(tasks, ignored={asyncio.current_task()})
+        main = asyncio.current_task()
+
+        async def orchestrate() -> None:
+            await kopf.run_tasks(tasks, ignored={main, asyncio.current_task()})
+
+        runner = asyncio.create_task(orchestrate())
+        await asyncio.wait(tasks)  # the root tasks end once the stop flag is set
+        # kopf then gives stray per-object tasks (a timer re-spawned by an event that arrived
+        # during the shutdown) 5 s to finish on their own; they never do, so cancel them now.
+        for task in asyncio.all_tasks():
+            if task not in (main, runner) and not task.done():
+                task.cancel()
+        await runner

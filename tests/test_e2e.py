@@ -1,0 +1,307 @@
+"""End to end: `kubectl apply` of the example manifest to an answered OpenAI request, and back.
+
+The strict API emulator (tests/kube) serves the real kubectl; the real operator
+reconciles in-process; the fake node of tests/e2e runs the Deployment the
+operator generated: `modeldeploy harvest` as the init container, then
+`modeldeploy serve`, as real processes with the pod's env, volumes, ports and
+probes, and kube-proxy for the Service. A tiny generated model lies on the
+"claim" at the path examples/tiny-local.yaml names, so the example is applied
+as it is.
+
+The tests run in order on one cluster and one ModelDeployment: apply -> scale
+-> kill a server -> a failing second ModelDeployment -> delete both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import openai
+import pytest
+import yaml
+from e2e.informer import Informer
+from e2e.kubectl import Kubectl
+from e2e.kubelet import FakeKubelet, PodRunner
+from e2e.service_proxy import ServiceProxy
+from fixtures.tiny_models import copy_model
+from kube.cluster import Cluster
+from kube.operator_runner import OperatorRunner
+from modeldeploy.operator.builders import HARVEST_CONTAINER, SERVER_CONTAINER
+from modeldeploy.server.contract import MODELS_MOUNT, SERVICE_PORT
+from modeldeploy.server.harvest import WEIGHT_SUFFIXES
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO_ROOT / "examples" / "tiny-local.yaml"
+NAMESPACE = "default"
+MD_PATH = "/apis/modeldeploy.dev/v1alpha1/modeldeployments"
+#: Generous: two server processes import torch at once on a shared 2-core machine.
+READY_TIMEOUT_S = 150.0
+
+T = TypeVar("T")
+
+
+def wait_for(probe: Callable[[], T], what: str, timeout: float = READY_TIMEOUT_S) -> T:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+@dataclass
+class World:
+    """One emulated cluster with the operator, a fake node and kubectl, for the whole module."""
+
+    cluster: Cluster
+    kubelet: FakeKubelet
+    proxy: ServiceProxy
+    kubectl: Kubectl
+    example: dict[str, Any]
+    phases: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.example["metadata"]["name"])
+
+    def record(self, kind: str, obj: dict[str, Any]) -> None:
+        """Informer listener: every phase an object's status passes through, in order."""
+        phase = (obj.get("status") or {}).get("phase")
+        seen = self.phases.setdefault(obj["metadata"]["name"], [])
+        if phase and (not seen or seen[-1] != phase):
+            seen.append(phase)
+
+    def md(self, name: str | None = None) -> dict[str, Any]:
+        return self.kubectl.json("get", "md", name or self.name)
+
+    def status(self, name: str | None = None) -> dict[str, Any]:
+        return self.md(name).get("status") or {}
+
+    def servers(self, name: str | None = None) -> list[PodRunner]:
+        return self.kubelet.pods_of(NAMESPACE, name or self.name)
+
+    def server_processes(self, name: str | None = None) -> list[int]:
+        pids = []
+        for runner in self.servers(name):
+            container = runner.containers[SERVER_CONTAINER]
+            if container.running and container.proc is not None:
+                pids.append(container.proc.pid)
+        return pids
+
+    def logs(self) -> str:
+        """Every container log of the fake node (for assertion messages)."""
+        out = []
+        for runner in self.kubelet.all_runners():
+            for container in runner.containers.values():
+                for path in sorted((runner.dir / "logs").glob(f"{container.name}-*.log")):
+                    text = path.read_text(errors="replace")[-1500:]
+                    out.append(f"--- {runner.name}/{path.name}\n{text}")
+        return "\n".join(out) or "(no container ran)"
+
+
+def pods_with_phase_sequence(seen: list[str], expected: list[str]) -> bool:
+    """Whether `expected` occurs in `seen` in order (other phases may lie in between)."""
+    it = iter(seen)
+    return all(phase in it for phase in expected)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, tiny_models: Any) -> Iterator[World]:
+    root = tmp_path_factory.mktemp("e2e")
+    example = yaml.safe_load(EXAMPLE.read_text())
+    with (
+        Cluster() as cluster,
+        OperatorRunner(cluster.url, [NAMESPACE]),
+        FakeKubelet(cluster.url, root / "node") as kubelet,
+        ServiceProxy(kubelet) as proxy,
+    ):
+        (root / "kube").mkdir()
+        kubectl = Kubectl(cluster.kubeconfig(root / "kube" / "config"))
+        world = World(cluster, kubelet, proxy, kubectl, example)
+        recorder = Informer(cluster.url, MD_PATH, listener=world.record).start()
+        # The claim the example mounts, with the tiny model where its source points.
+        claim = example["spec"]["storage"]["claim"]["name"]
+        source_path = example["spec"]["model"]["source"].removeprefix("file://")
+        in_claim = Path(source_path).relative_to(MODELS_MOUNT)
+        copy_model(tiny_models.hf("llama"), kubelet.claim_dir(NAMESPACE, claim) / in_claim)
+        pvc = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": NAMESPACE},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        }
+        (root / "pvc.yaml").write_text(yaml.safe_dump(pvc))
+        kubectl("apply", "--validate=false", "-f", str(root / "pvc.yaml"))
+        try:
+            yield world
+        finally:
+            recorder.stop()
+
+
+def test_apply_goes_pending_harvesting_loading_ready(world: World) -> None:
+    started = time.monotonic()
+    out = world.kubectl("apply", "--validate=false", "-f", str(EXAMPLE))
+    assert f"modeldeployment.modeldeploy.dev/{world.name} created" in out
+
+    status = wait_for(
+        lambda: (s := world.status()).get("phase") == "Ready" and s,
+        f"{world.name} Ready",
+    )
+    elapsed = time.monotonic() - started
+    phases = world.phases[world.name]
+    assert pods_with_phase_sequence(phases, ["Pending", "Harvesting", "Loading", "Ready"]), phases
+    assert "Failed" not in phases, (phases, world.logs())
+    assert status["readyReplicas"] == 1 and status["replicas"] == 1
+    print(f"apply -> Ready in {elapsed:.1f}s via {phases}")
+
+    # `kubectl get md`: the printer columns, filled from spec and status.
+    table = world.kubectl("get", "md").splitlines()
+    assert table[0].split() == ["NAME", "SOURCE", "REPLICAS", "READY", "PHASE", "AGE"]
+    row = next(line.split() for line in table[1:] if line.split()[0] == world.name)
+    assert row[1:5] == [world.example["spec"]["model"]["source"], "1", "1", "Ready"]
+
+    # An Event for each phase change, on the ModelDeployment.
+    events = world.kubectl.json(
+        "get", "events", "--field-selector", f"involvedObject.name={world.name}"
+    )["items"]
+    reasons = [
+        e["reason"] for e in sorted(events, key=lambda e: int(e["metadata"]["resourceVersion"]))
+    ]
+    assert pods_with_phase_sequence(reasons, ["Harvesting", "Loading", "Ready"]), reasons
+
+
+def test_slug_directory_on_the_shared_volume_has_the_harvested_siblings(world: World) -> None:
+    spec = world.example["spec"]
+    claim_dir = world.kubelet.claim_dir(NAMESPACE, spec["storage"]["claim"]["name"])
+    model_dir = claim_dir / Path(spec["model"]["source"].removeprefix("file://")).relative_to(
+        MODELS_MOUNT
+    )
+    slug = world.status()["slug"]
+    slug_dir = claim_dir / "slugs" / slug
+    assert slug_dir.is_dir(), sorted(p.name for p in (claim_dir / "slugs").iterdir())
+    siblings = sorted(
+        p.name for p in model_dir.iterdir() if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES)
+    )
+    assert "config.json" in siblings and "tokenizer.json" in siblings
+    linked = {p.name: p for p in slug_dir.iterdir() if p.is_symlink()}
+    assert sorted(linked) == siblings
+    for name, link in linked.items():
+        assert Path(os.readlink(link)) == (model_dir / name).resolve()
+    assert not any(p.name.endswith(WEIGHT_SUFFIXES) for p in slug_dir.iterdir())
+
+
+def test_openai_client_through_the_service(world: World) -> None:
+    port = world.proxy.port(NAMESPACE, world.name, SERVICE_PORT)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    served = world.example["spec"]["model"]["servedName"]
+    assert [m.id for m in client.models.list().data] == [served]
+    completion = client.completions.create(model=served, prompt="Hello", max_tokens=4)
+    choice = completion.choices[0]
+    assert isinstance(choice.text, str)
+    assert choice.finish_reason in ("length", "stop")
+    assert completion.usage is not None and 1 <= completion.usage.completion_tokens <= 4
+    chat = client.chat.completions.create(
+        model=served, messages=[{"role": "user", "content": "Hi"}], max_tokens=3
+    )
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.usage is not None and chat.usage.completion_tokens >= 1
+
+
+def test_kubectl_scale_runs_two_servers(world: World) -> None:
+    out = world.kubectl("scale", f"md/{world.name}", "--replicas=2")
+    assert "scaled" in out
+    status = wait_for(
+        lambda: (s := world.status()).get("readyReplicas") == 2 and s.get("phase") == "Ready" and s,
+        "2 ready replicas",
+    )
+    assert status["replicas"] == 2
+    pids = world.server_processes()
+    assert len(set(pids)) == 2, (pids, world.logs())
+    deployment = world.kubectl.json("get", "deployment", world.name)
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["status"]["readyReplicas"] == 2
+    table = world.kubectl("get", "md", world.name).splitlines()
+    assert table[1].split()[2:5] == ["2", "2", "Ready"]
+
+
+def test_sigkilled_server_is_restarted_and_ready_again(world: World) -> None:
+    runner = world.servers()[0]
+    before = len(world.phases[world.name])
+    victim = runner.containers[SERVER_CONTAINER].proc
+    assert victim is not None
+    os.kill(victim.pid, signal.SIGKILL)
+
+    wait_for(lambda: world.status().get("phase") != "Ready", "the phase to leave Ready", 30)
+    wait_for(
+        lambda: (s := world.status()).get("phase") == "Ready" and s.get("readyReplicas") == 2,
+        "Ready again with 2 replicas",
+    )
+    after_kill = world.phases[world.name][before:]
+    assert after_kill[-1] == "Ready"
+    assert set(after_kill[:-1]) & {"Degraded", "Loading"}, after_kill
+    pod = world.kubectl.json("get", "pod", runner.name)
+    server = next(c for c in pod["status"]["containerStatuses"] if c["name"] == SERVER_CONTAINER)
+    assert server["restartCount"] == 1
+    assert server["lastState"]["terminated"]["exitCode"] == 128 + signal.SIGKILL
+    assert server["ready"] is True
+    restarted = runner.containers[SERVER_CONTAINER].proc
+    assert restarted is not None and restarted.pid != victim.pid and restarted.poll() is None
+
+
+def test_missing_source_fails_with_the_harvest_error(world: World, tmp_path: Path) -> None:
+    manifest = json.loads(json.dumps(world.example))
+    name = "tiny-missing"
+    manifest["metadata"]["name"] = name
+    manifest["spec"]["model"]["source"] = "file:///models/local/does-not-exist"
+    path = tmp_path / "missing.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    world.kubectl("apply", "--validate=false", "-f", str(path))
+
+    status = wait_for(lambda: (s := world.status(name)).get("phase") == "Failed" and s, "Failed")
+    runner = world.servers(name)[0]
+    harvest = runner.containers[HARVEST_CONTAINER]
+    assert harvest.log_path is not None
+    own_error = harvest.log_path.read_text().strip().splitlines()[-1]
+    assert "modeldeploy harvest: error:" in own_error and "does-not-exist" in own_error
+    assert own_error in status["message"]
+
+    describe = world.kubectl("describe", "md", name)
+    assert own_error in describe
+    events = describe.split("Events:", 1)[1]
+    assert "Failed" in events and own_error in events, describe
+    assert not world.server_processes(name), "the server must not start after a failed harvest"
+
+
+def test_kubectl_delete_stops_processes_and_removes_everything(world: World) -> None:
+    runners = world.servers() + world.servers("tiny-missing")
+    assert runners
+    out = world.kubectl("delete", "md", world.name, "tiny-missing", "--timeout=60s")
+    assert f'"{world.name}" deleted' in out
+
+    def all_stopped() -> bool:
+        return all(
+            c.proc is None or c.proc.poll() is not None
+            for r in runners
+            for c in r.containers.values()
+        )
+
+    wait_for(all_stopped, "every container process to exit", 60)
+    assert "No resources found" in world.kubectl.run("get", "md").stderr
+    for kind in ("deployment", "service"):
+        gone = world.kubectl.run("get", kind, world.name, check=False)
+        assert gone.returncode != 0 and "NotFound" in gone.stderr, (kind, gone)
+    assert world.kubectl.json("get", "pods")["items"] == []
