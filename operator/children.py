@@ -35,6 +35,8 @@ def contains(actual: Any, wanted: Any) -> bool:
             and len(actual) == len(wanted)
             and all(contains(a, w) for a, w in zip(actual, wanted, strict=True))
         )
+    if isinstance(wanted, int) and isinstance(actual, str) and not isinstance(wanted, bool):
+        return actual == str(wanted)  # the API server returns quantities as strings
     return actual == wanted
 
 

@@ -177,15 +177,17 @@ def observe(
     if deployment is None:
         return Observation(PENDING, "DeploymentMissing", "waiting for the Deployment", 0, 0)
     dstatus = deployment.get("status") or {}
-    replicas = int(dstatus.get("replicas") or 0)
-    ready = int(dstatus.get("readyReplicas") or 0)
+    pods = _live(pods)
+    # The pods are fresher than the Deployment's counts (its controller lags behind the
+    # kubelet), so a ready pod counts even before the Deployment's status says so.
+    replicas = max(int(dstatus.get("replicas") or 0), len(pods))
+    ready = max(int(dstatus.get("readyReplicas") or 0), sum(_pod_ready(p) for p in pods))
     updated = int(dstatus.get("updatedReplicas") or 0)
     generation = (deployment.get("metadata") or {}).get("generation")
     observed = dstatus.get("observedGeneration")
     rolling = (generation is not None and observed is not None and observed < generation) or (
         replicas > 0 and updated < desired
     )
-    pods = _live(pods)
     failures = [f for f in (pod_failure(p) for p in pods) if f is not None]
     failure = failures[0] if failures else _deployment_failure(deployment)
     counts = f"{ready}/{desired} replicas ready"

@@ -20,7 +20,7 @@ import kubernetes_validate
 import pytest
 import referencing
 import yaml
-from tools import helm
+from tools import helm, kubectl
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "charts" / "modeldeploy"
@@ -123,6 +123,25 @@ def _k8s_definition_validator(definition: str) -> jsonschema.Validator:
 
 
 # ---------------------------------------------------------------------------- lint
+
+
+def test_tools_are_helm_v4_and_kubectl_v1_35() -> None:
+    """tests/tools.py fetched the binaries the chart is checked with (and the e2e tests use)."""
+    helm_version = subprocess.run(
+        [str(helm()), "version", "--template", "{{.Version}}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert helm_version.stdout.startswith("v4."), helm_version
+    kubectl_version = subprocess.run(
+        [str(kubectl()), "version", "--client", "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    client = json.loads(kubectl_version.stdout)["clientVersion"]
+    assert (client["major"], client["minor"]) == ("1", "35"), client
 
 
 @pytest.mark.parametrize("values", [None, ALL_ON], ids=["defaults", "all-toggles-on"])
@@ -234,7 +253,11 @@ def test_operator_deployment_defaults(tmp_path: Path) -> None:
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["MODELDEPLOY_SERVER_IMAGE"] == "ghcr.io/modeldeploy/modeldeploy-server:0.1.0"
+    # Same default as the operator's own fallback when run outside the chart.
+    from modeldeploy.operator.spec import FALLBACK_SERVER_IMAGE, SERVER_IMAGE_ENV
+
+    assert env[SERVER_IMAGE_ENV] == FALLBACK_SERVER_IMAGE
+    assert env[SERVER_IMAGE_ENV] == "ghcr.io/modeldeploy/modeldeploy-server:0.1.0"
     assert container["livenessProbe"]["httpGet"]["port"] == "health"
     assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
 
@@ -289,19 +312,6 @@ def _rules(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
     return out
 
 
-#: What the operator does (operator/handlers.py, children.py + kopf), resource by resource.
-EXPECTED_RULES = {
-    ("modeldeploy.dev", "modeldeployments"): {"get", "list", "watch", "patch"},
-    ("modeldeploy.dev", "modeldeployments/status"): {"patch"},
-    ("apps", "deployments"): {"get", "list", "watch", "create", "update"},
-    ("", "services"): {"get", "create", "update"},
-    ("", "persistentvolumeclaims"): {"get", "create", "update"},
-    ("monitoring.coreos.com", "podmonitors"): {"get", "create", "update"},
-    ("", "pods"): {"list", "watch"},
-    ("", "events"): {"create"},
-}
-
-
 def _bound_to_operator(binding: dict[str, Any], sa: dict[str, Any]) -> bool:
     return binding["subjects"] == [
         {
@@ -316,7 +326,10 @@ def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(tmp_path: Path) -> 
     objects = render(tmp_path)
     assert not by_kind(objects, "Role") and not by_kind(objects, "RoleBinding")
     role = one(objects, "ClusterRole")
-    assert _rules(role) == EXPECTED_RULES
+    # The same rules as the per-namespace Role, whose exactness tests/test_chart_rbac.py
+    # proves against the operator's real API calls.
+    [namespaced] = by_kind(render(tmp_path, {"watchNamespaces": ["a"]}), "Role")
+    assert _rules(role) == _rules(namespaced)
     binding = one(objects, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert _bound_to_operator(binding, one(objects, "ServiceAccount"))
@@ -330,7 +343,7 @@ def test_namespaced_rbac_has_one_role_per_watched_namespace(tmp_path: Path) -> N
     bindings = {b["metadata"]["namespace"]: b for b in by_kind(objects, "RoleBinding")}
     assert set(roles) == set(bindings) == {"team-a", "team-b"}
     for ns, role in roles.items():
-        assert _rules(role) == EXPECTED_RULES
+        assert _rules(role) == _rules(roles["team-a"])
         assert bindings[ns]["roleRef"] == {
             "apiGroup": "rbac.authorization.k8s.io",
             "kind": "Role",
@@ -451,6 +464,15 @@ def test_schema_rejects_a_bad_values_file_on_lint(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "/watchNamespaces/0" in done.stdout + done.stderr
     assert "/metrics/port" in done.stdout + done.stderr
+
+
+def test_chart_app_version_is_the_package_version() -> None:
+    """Default image tags come from appVersion: it must follow the released package."""
+    import tomllib
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert chart["appVersion"] == project["version"]
 
 
 # ------------------------------------------------------------------------- CRDs

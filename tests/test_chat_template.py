@@ -271,6 +271,8 @@ BOMBS = {
     "many_medium_strings": "{{ range(100000) | map('replace', '', 'y' * 100000) | list | length }}",
     "slice_count": "{{ [1] | slice(999999999) | list | length }}",
     "big_power": "{{ 2 ** 100000000 }}",
+    "int_squaring": "{% set ns = namespace(n=3) %}{% for i in range(64) %}"
+    "{% set ns.n = ns.n * ns.n %}{% endfor %}",
     "output_flood": "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
 }
 
@@ -318,6 +320,27 @@ def test_rich_objects_in_messages_reach_the_template_as_inert_placeholders():
     )
     out = template.render([{"role": "user", "content": Dangerous()}])
     assert out == "<Dangerous>|"
+
+
+def test_ordinary_python_idioms_still_work_in_the_sandbox():
+    template = ChatTemplate(
+        "{{ ', '.join(tools[0].function.parameters.properties.keys()) }}|"
+        "{{ '-'.join(messages | map(attribute='role')) }}|{{ 'ab'.upper() * 2 }}|{{ 2 ** 10 }}|"
+        "{{ '%-6s|' % 'x' }}{{ '{:>4}'.format(7) }}|{{ messages | length * 3 }}",
+        "t",
+    )
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert template.render(messages, tools=TOOLS) == "city|user-assistant|ABAB|1024|x     |   7|6"
+
+
+def test_a_large_legitimate_conversation_renders():
+    messages = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"{i:04d}" + "y" * 3000}
+        for i in range(1000)
+    ]
+    out = ChatTemplate(CHATML_TEMPLATE, "t").render(messages)
+    assert out.count("<|im_start|>") == 1002 and len(out) > 3_000_000
+    assert out == _transformers_render(CHATML_TEMPLATE, messages, add_generation_prompt=True)
 
 
 def test_real_loops_and_calls_are_far_inside_the_budget():

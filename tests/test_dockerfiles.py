@@ -207,6 +207,7 @@ def test_dockerignore_keeps_copied_sources_and_drops_the_rest() -> None:
         assert heavy in patterns
 
 
+@pytest.mark.slow
 def test_operator_install_steps_work_in_a_fresh_venv_without_torch(tmp_path: Path) -> None:
     """Replay Dockerfile.operator: its venv installs, runs the entrypoint, and has no torch."""
     image = replay("operator", tmp_path)

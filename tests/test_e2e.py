@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from typing import Any, TypeVar
 import openai
 import pytest
 import yaml
+from e2e.containers import Launch
+from e2e.discovery import serve_kubectl_discovery
 from e2e.informer import Informer
 from e2e.kubectl import Kubectl
 from e2e.kubelet import FakeKubelet, PodRunner
@@ -33,9 +36,13 @@ from e2e.service_proxy import ServiceProxy
 from fixtures.tiny_models import copy_model
 from kube.cluster import Cluster
 from kube.operator_runner import OperatorRunner
-from modeldeploy.operator.builders import HARVEST_CONTAINER, SERVER_CONTAINER
+from modeldeploy.operator.builders import HARVEST_CONTAINER, SERVER_CONTAINER, build_deployment
+from modeldeploy.operator.spec import parse_spec
 from modeldeploy.server.contract import MODELS_MOUNT, SERVICE_PORT
-from modeldeploy.server.harvest import WEIGHT_SUFFIXES
+from modeldeploy.server.harvest import WEIGHT_SUFFIXES, read_record
+from modeldeploy.server.http.settings import TERMINATION_LOG_ENV
+from modeldeploy.server.slug import slug_for
+from modeldeploy.server.sources import parse_source
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -49,7 +56,12 @@ READY_TIMEOUT_S = 150.0
 T = TypeVar("T")
 
 
-def wait_for(probe: Callable[[], T], what: str, timeout: float = READY_TIMEOUT_S) -> T:
+def wait_for(
+    probe: Callable[[], T],
+    what: str,
+    timeout: float = READY_TIMEOUT_S,
+    diagnose: Callable[[], str] = lambda: "",
+) -> T:
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -57,7 +69,9 @@ def wait_for(probe: Callable[[], T], what: str, timeout: float = READY_TIMEOUT_S
         if last:
             return last
         time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what}; last: {last!r}\n{diagnose()}"
+    )
 
 
 @dataclass
@@ -126,6 +140,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_models: Any) -> Iterato
         FakeKubelet(cluster.url, root / "node") as kubelet,
         ServiceProxy(kubelet) as proxy,
     ):
+        serve_kubectl_discovery(cluster)
         (root / "kube").mkdir()
         kubectl = Kubectl(cluster.kubeconfig(root / "kube" / "config"))
         world = World(cluster, kubelet, proxy, kubectl, example)
@@ -145,7 +160,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_models: Any) -> Iterato
             },
         }
         (root / "pvc.yaml").write_text(yaml.safe_dump(pvc))
-        kubectl("apply", "--validate=false", "-f", str(root / "pvc.yaml"))
+        kubectl("apply", "-f", str(root / "pvc.yaml"))
         try:
             yield world
         finally:
@@ -154,12 +169,13 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_models: Any) -> Iterato
 
 def test_apply_goes_pending_harvesting_loading_ready(world: World) -> None:
     started = time.monotonic()
-    out = world.kubectl("apply", "--validate=false", "-f", str(EXAMPLE))
+    out = world.kubectl("apply", "-f", str(EXAMPLE))
     assert f"modeldeployment.modeldeploy.dev/{world.name} created" in out
 
     status = wait_for(
         lambda: (s := world.status()).get("phase") == "Ready" and s,
         f"{world.name} Ready",
+        diagnose=world.logs,
     )
     elapsed = time.monotonic() - started
     phases = world.phases[world.name]
@@ -169,7 +185,9 @@ def test_apply_goes_pending_harvesting_loading_ready(world: World) -> None:
     print(f"apply -> Ready in {elapsed:.1f}s via {phases}")
 
     # `kubectl get md`: the printer columns, filled from spec and status.
-    table = world.kubectl("get", "md").splitlines()
+    output = world.kubectl("get", "md")
+    print(output)
+    table = output.splitlines()
     assert table[0].split() == ["NAME", "SOURCE", "REPLICAS", "READY", "PHASE", "AGE"]
     row = next(line.split() for line in table[1:] if line.split()[0] == world.name)
     assert row[1:5] == [world.example["spec"]["model"]["source"], "1", "1", "Ready"]
@@ -187,18 +205,24 @@ def test_apply_goes_pending_harvesting_loading_ready(world: World) -> None:
 def test_slug_directory_on_the_shared_volume_has_the_harvested_siblings(world: World) -> None:
     spec = world.example["spec"]
     claim_dir = world.kubelet.claim_dir(NAMESPACE, spec["storage"]["claim"]["name"])
-    model_dir = claim_dir / Path(spec["model"]["source"].removeprefix("file://")).relative_to(
-        MODELS_MOUNT
-    )
-    slug = world.status()["slug"]
+    in_pod = spec["model"]["source"]
+    model_dir = claim_dir / Path(in_pod.removeprefix("file://")).relative_to(MODELS_MOUNT)
+    # The operator names the slug of the source as the pod sees it; the fake node maps
+    # /models to a host directory, so the harvest hashed the host path instead: the readable
+    # part of the slug is the same, its hash is the one of the mapped path.
+    assert world.status()["slug"] == slug_for(parse_source(in_pod))
+    slug = slug_for(parse_source(f"file://{model_dir}"))
+    assert slug.rsplit("--", 1)[0] == world.status()["slug"].rsplit("--", 1)[0]
     slug_dir = claim_dir / "slugs" / slug
-    assert slug_dir.is_dir(), sorted(p.name for p in (claim_dir / "slugs").iterdir())
+    assert [p.name for p in (claim_dir / "slugs").iterdir()] == [slug]
+    record = read_record(slug_dir)
+    assert record is not None, "the harvest's completion record is missing"
     siblings = sorted(
         p.name for p in model_dir.iterdir() if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES)
     )
     assert "config.json" in siblings and "tokenizer.json" in siblings
     linked = {p.name: p for p in slug_dir.iterdir() if p.is_symlink()}
-    assert sorted(linked) == siblings
+    assert sorted(linked) == siblings == sorted(record.linked_files)
     for name, link in linked.items():
         assert Path(os.readlink(link)) == (model_dir / name).resolve()
     assert not any(p.name.endswith(WEIGHT_SUFFIXES) for p in slug_dir.iterdir())
@@ -221,12 +245,66 @@ def test_openai_client_through_the_service(world: World) -> None:
     assert chat.usage is not None and chat.usage.completion_tokens >= 1
 
 
+def test_fake_kubelet_runs_the_operators_pod_spec_with_secrets_volumes_and_ports(
+    world: World, tmp_path: Path
+) -> None:
+    """The translation the fake node applies to the Deployment the operator builds."""
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "hf-token", "namespace": NAMESPACE},
+        "stringData": {"token": "s3cret"},
+    }
+    (tmp_path / "secret.yaml").write_text(yaml.safe_dump(secret))
+    # apply, not `kubectl create secret`: that one sends protobuf, which the emulator lacks.
+    world.kubectl("apply", "-f", str(tmp_path / "secret.yaml"))
+    body = json.loads(json.dumps(world.example))
+    body["metadata"].update(namespace=NAMESPACE, uid="uid-1", generation=1)
+    body["spec"]["hfTokenSecretRef"] = {"name": "hf-token"}
+    template = build_deployment(parse_spec(body))["spec"]["template"]
+    pod = {"metadata": {"name": "translated-0", "namespace": NAMESPACE}, "spec": template["spec"]}
+    runner = PodRunner(world.kubelet, pod)
+    try:
+        launches = runner.dry_run()
+        claim = world.kubelet.claim_dir(NAMESPACE, body["spec"]["storage"]["claim"]["name"])
+        in_pod = Path(body["spec"]["model"]["source"].removeprefix("file://"))
+        source = f"file://{claim / in_pod.relative_to(MODELS_MOUNT)}"
+        for name, command in ((HARVEST_CONTAINER, "harvest"), (SERVER_CONTAINER, "serve")):
+            launch = launches[name]
+            assert isinstance(launch, Launch), launch
+            assert launch.env["HF_TOKEN"] == "s3cret"  # on both containers, from the Secret
+            assert launch.env["HF_HUB_CACHE"] == str(claim / "hub")
+            assert launch.env["HOME"] == str(runner.dir / "volumes" / "tmp")
+            assert launch.argv[0] == str(Path(sys.prefix) / "bin" / "modeldeploy")
+            assert launch.argv[1:3] == [command, source]  # /models/... mapped onto the claim
+            assert launch.env[TERMINATION_LOG_ENV] == str(launch.termination_log)
+            assert launch.termination_log.is_relative_to(runner.dir)
+        server = launches[SERVER_CONTAINER]
+        assert isinstance(server, Launch)
+        port = server.argv[server.argv.index("--port") + 1]
+        assert port == str(runner.local_port("http")) != "8080"
+        assert server.argv[server.argv.index("--host") + 1] == "127.0.0.1"
+        assert server.ports["http"] == int(port)
+
+        world.kubectl("delete", "secret", "hf-token")
+        waiting = runner.dry_run()[HARVEST_CONTAINER]
+        assert waiting == {
+            "waiting": {
+                "reason": "CreateContainerConfigError",
+                "message": 'secret "hf-token" not found',
+            }
+        }
+    finally:
+        runner.close()
+
+
 def test_kubectl_scale_runs_two_servers(world: World) -> None:
     out = world.kubectl("scale", f"md/{world.name}", "--replicas=2")
     assert "scaled" in out
     status = wait_for(
         lambda: (s := world.status()).get("readyReplicas") == 2 and s.get("phase") == "Ready" and s,
         "2 ready replicas",
+        diagnose=world.logs,
     )
     assert status["replicas"] == 2
     pids = world.server_processes()
@@ -249,8 +327,10 @@ def test_sigkilled_server_is_restarted_and_ready_again(world: World) -> None:
     wait_for(
         lambda: (s := world.status()).get("phase") == "Ready" and s.get("readyReplicas") == 2,
         "Ready again with 2 replicas",
+        diagnose=world.logs,
     )
     after_kill = world.phases[world.name][before:]
+    print(f"phases after SIGKILL: {after_kill}")
     assert after_kill[-1] == "Ready"
     assert set(after_kill[:-1]) & {"Degraded", "Loading"}, after_kill
     pod = world.kubectl.json("get", "pod", runner.name)
@@ -262,6 +342,21 @@ def test_sigkilled_server_is_restarted_and_ready_again(world: World) -> None:
     assert restarted is not None and restarted.pid != victim.pid and restarted.poll() is None
 
 
+def test_kubectl_apply_refuses_an_invalid_manifest_naming_the_field(
+    world: World, tmp_path: Path
+) -> None:
+    """kubectl asks for server-side field validation; the emulator's CRD rules answer."""
+    typo = json.loads(json.dumps(world.example))
+    typo["metadata"]["name"] = "tiny-typo"
+    typo["spec"]["replica"] = typo["spec"].pop("replicas")
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(typo))
+    refused = world.kubectl.run("apply", "-f", str(path), check=False)
+    assert refused.returncode != 0
+    assert "spec.replica" in refused.stderr, refused.stderr
+    assert world.kubectl.run("get", "md", "tiny-typo", check=False).returncode != 0
+
+
 def test_missing_source_fails_with_the_harvest_error(world: World, tmp_path: Path) -> None:
     manifest = json.loads(json.dumps(world.example))
     name = "tiny-missing"
@@ -269,7 +364,7 @@ def test_missing_source_fails_with_the_harvest_error(world: World, tmp_path: Pat
     manifest["spec"]["model"]["source"] = "file:///models/local/does-not-exist"
     path = tmp_path / "missing.yaml"
     path.write_text(yaml.safe_dump(manifest))
-    world.kubectl("apply", "--validate=false", "-f", str(path))
+    world.kubectl("apply", "-f", str(path))
 
     status = wait_for(lambda: (s := world.status(name)).get("phase") == "Failed" and s, "Failed")
     runner = world.servers(name)[0]
@@ -280,10 +375,89 @@ def test_missing_source_fails_with_the_harvest_error(world: World, tmp_path: Pat
     assert own_error in status["message"]
 
     describe = world.kubectl("describe", "md", name)
+    print(describe)
     assert own_error in describe
     events = describe.split("Events:", 1)[1]
     assert "Failed" in events and own_error in events, describe
     assert not world.server_processes(name), "the server must not start after a failed harvest"
+
+
+#: A container whose readiness passes and whose liveness fails (HTTP 500 on /health).
+FAILING_LIVENESS_SERVER = """
+import http.server, sys
+port = int(sys.argv[sys.argv.index("--port") + 1])
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/ready" else 500)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+
+def test_fake_kubelet_restarts_a_container_that_fails_liveness(
+    world: World, tmp_path: Path
+) -> None:
+    name = "liveness-demo"
+    probe = {"periodSeconds": 1, "failureThreshold": 2}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 2,
+                    "containers": [
+                        {
+                            "name": "web",
+                            "image": "registry.test/web:1",
+                            "command": ["python", "-c", FAILING_LIVENESS_SERVER],
+                            "args": ["--port", "8000"],
+                            "ports": [{"name": "web", "containerPort": 8000}],
+                            "readinessProbe": {
+                                **probe,
+                                "httpGet": {"port": "web", "path": "/ready"},
+                            },
+                            "livenessProbe": {
+                                **probe,
+                                "httpGet": {"port": "web", "path": "/health"},
+                            },
+                        }
+                    ],
+                },
+            },
+        },
+    }
+    path = tmp_path / "liveness.yaml"
+    path.write_text(yaml.safe_dump(deployment))
+    world.kubectl("apply", "-f", str(path))
+
+    def web_status() -> dict[str, Any] | None:
+        pods = world.kubectl.json("get", "pods", "-l", f"app={name}")["items"]
+        statuses = [s for p in pods for s in (p.get("status") or {}).get("containerStatuses", [])]
+        return statuses[0] if statuses and statuses[0]["restartCount"] >= 2 else None
+
+    status = wait_for(web_status, "two liveness restarts", 60)
+    assert status["lastState"]["terminated"]["exitCode"] == 128 + signal.SIGTERM
+    events = world.kubectl.json("get", "events", "--field-selector", "involvedObject.kind=Pod")
+    messages = [(e["reason"], e["message"]) for e in events["items"]]
+    assert ("Killing", "Container web failed liveness probe, will be restarted") in messages
+    assert any(
+        r == "Unhealthy" and "Liveness probe failed: HTTP probe failed with statuscode: 500" in m
+        for r, m in messages
+    ), messages
+    runners = world.kubelet.pods_of(NAMESPACE, name)
+    world.kubectl("delete", "deployment", name)
+    wait_for(
+        lambda: all(not c.running for r in runners for c in r.containers.values()),
+        "the liveness demo's process to stop",
+        30,
+    )
 
 
 def test_kubectl_delete_stops_processes_and_removes_everything(world: World) -> None:

@@ -100,3 +100,49 @@ def test_bfloat16_stays_close_to_float32(tiny_models, arch: str) -> None:
             engine.close()
     diff = (logits["float32"] - logits["bfloat16"]).abs().max().item()
     assert diff < 0.15, f"bf16 vs f32 max abs logit diff {diff}"
+
+
+def _variant(tiny_models, tmp_path, arch: str, **config):
+    """A copy of a tiny HF model with config.json fields replaced."""
+    import json
+
+    from fixtures.tiny_models import copy_model
+
+    d = copy_model(tiny_models.hf(arch), tmp_path / "variant")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(config)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize(
+    "arch, config",
+    [
+        (
+            "llama",
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                }
+            },
+        ),
+        ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+        (
+            "llama",
+            {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 8},
+        ),
+    ],
+    ids=["llama3-rope", "linear-rope", "mistral-sliding"],
+)
+def test_config_variants_match_transformers(tiny_models, tmp_path, arch, config) -> None:
+    path = _variant(tiny_models, tmp_path, arch, **config)
+    engine = Engine.load(path, dtype="float32", device="cpu", max_concurrent=1, max_model_len=128)
+    try:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        _check(engine, hf)
+    finally:
+        engine.close()

@@ -26,7 +26,7 @@ SERVICES = kmock.resource("", "v1", "services")
 PVCS = kmock.resource("", "v1", "persistentvolumeclaims")
 PODS = kmock.resource("", "v1", "pods")
 NAMESPACES = itertools.count(1)
-TIMEOUT = 10.0
+TIMEOUT = 20.0
 
 
 @dataclass

@@ -108,6 +108,11 @@ def test_tokenizer_config_add_bos_token_overrides_tokenizer_json(tiny_models, tm
     assert bos not in Tokenizer.from_files(model, None).encode("Hi")
 
 
+def test_lone_surrogates_encode_as_replacement_characters(tiny_models):
+    tok = Tokenizer.from_files(tiny_models.hf("qwen2"), None)
+    assert tok.encode(json.loads('"a\\ud800b"')) == tok.encode("a\ufffdb")
+
+
 def test_gguf_end_of_turn_tokens_join_the_eos_set(tiny_models):
     meta = _gguf_metadata(tiny_models.gguf("qwen2"))
     tok = Tokenizer.from_files(None, meta)
@@ -125,6 +130,14 @@ def test_missing_or_bad_tokenizers_are_user_errors(tmp_path, tiny_models):
         tokenizer_from_gguf({**meta, "tokenizer.ggml.model": "rwkv"})
     with pytest.raises(FormatError, match="merges"):
         tokenizer_from_gguf({k: v for k, v in meta.items() if k != "tokenizer.ggml.merges"})
+    with pytest.raises(FormatError, match="inconsistent"):
+        tokenizer_from_gguf({**meta, "tokenizer.ggml.merges": ["nosuch token"]})
+    with pytest.raises(FormatError, match="not two tokens"):
+        tokenizer_from_gguf({**meta, "tokenizer.ggml.merges": ["single"]})
+    with pytest.raises(FormatError, match="bos_token_id 99999 is outside"):
+        tokenizer_from_gguf(
+            {**meta, "tokenizer.ggml.bos_token_id": 99999, "tokenizer.ggml.add_bos_token": True}
+        )
     assert issubclass(FormatError, UserInputError)
 
 
@@ -338,3 +351,70 @@ def test_token_bytes_reassemble_the_utf8_text(tiny_models, sentencepiece_vocab):
     emoji = spm.encode("Ж", add_special_tokens=False)
     assert [spm.token_bytes(i) for i in emoji] == [b"\xd0", b"\x96"]
     assert byte_level.token_bytes(byte_level.token_to_id("<|im_end|>")) == b"<|im_end|>"
+
+
+def test_every_known_pre_tokenizer_name_builds_a_lossless_tokenizer(tiny_models):
+    from modeldeploy.server.engine.gguf_tokenizer import PRE_TOKENIZER_SPLITS
+
+    meta = _gguf_metadata(tiny_models.gguf("qwen2"))
+    text = "Hello, World! it's 2024: 日本語 🙂\n\tcode(x) == 42 ¡ÿ"
+    splits = {}
+    for pre in PRE_TOKENIZER_SPLITS:
+        tok = tokenizer_from_gguf({**meta, "tokenizer.ggml.pre": pre})
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert tok.decode(ids) == text, pre
+        splits[pre] = [piece for piece, _ in tok.pre_tokenizer.pre_tokenize_str("x 2024")]
+    # the names select llama.cpp's splits: digits one by one (qwen2), by three (llama3), a run
+    # with its leading space (GPT-2)
+    assert splits["qwen2"] == ["x", "Ġ", "2", "0", "2", "4"]
+    assert splits["llama-bpe"] == ["x", "Ġ", "202", "4"]
+    assert splits["gpt-2"] == ["x", "Ġ2024"]
+
+
+@pytest.mark.parametrize("vocab", ["qwen2", "gemma3", "spm-llama", "spm-gemma3"])
+def test_incremental_decoder_agrees_with_decode_for_any_id_sequence(
+    tiny_models, sentencepiece_vocab, vocab
+):
+    """Random ids make invalid UTF-8 too: only a stream's last delta may end in U+FFFD, and
+    the deltas add up to the full decode whenever that is valid text; any text streams back
+    exactly, character by character."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    if vocab.startswith("spm-"):
+        meta = {**sentencepiece_vocab[1], "general.architecture": vocab[4:]}
+        tok = Tokenizer(
+            tokenizer_from_gguf(meta),
+            bos_token_id=1,
+            eos_token_ids={2},
+            primary_eos_id=2,
+            source="test",
+        )
+    else:
+        tok = Tokenizer.from_files(tiny_models.hf(vocab), None)
+
+    def stream(ids: list[int]) -> list[str]:
+        decoder = tok.incremental_decoder()
+        return [decoder.push(i) for i in ids] + [decoder.flush()]
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.lists(st.integers(0, tok.vocab_size - 1), max_size=40))
+    def any_ids(ids):
+        deltas = stream(ids)
+        assert not any(d.endswith("\ufffd") for d in deltas[:-1])
+        full = tok.decode(ids)
+        if "\ufffd" not in full:
+            assert "".join(deltas) == full
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(
+        st.text(st.characters(exclude_characters="\ufffd", exclude_categories=["Cs"]), max_size=30)
+    )
+    def any_text(text):
+        ids = tok.encode(text, add_special_tokens=False)
+        deltas = stream(ids)
+        assert "".join(deltas) == tok.decode(ids)
+        assert not any("\ufffd" in d for d in deltas)
+
+    any_ids()
+    any_text()

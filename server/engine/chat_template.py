@@ -92,6 +92,13 @@ class _Budget:
                 f"the template built more than {self.limits.max_total_chars} characters"
             )
 
+    def check_output(self, n: int) -> None:
+        """Refuse output longer than the single-string limit (not counted twice in the total)."""
+        if n > self.limits.max_chars:
+            raise TemplateBudgetError(
+                f"output of {n} characters exceeds the limit of {self.limits.max_chars}"
+            )
+
     def check_width(self, n: Any) -> None:
         if isinstance(n, (int, float)) and abs(n) > self.limits.max_width:
             raise TemplateBudgetError(f"width {n} exceeds the limit of {self.limits.max_width}")
@@ -246,7 +253,7 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         budget = _budget()
         budget.tick(_MACRO_STEPS if isinstance(__obj, Macro) else 1)
-        _precheck_call(budget, __obj, args, kwargs)
+        args = _precheck_call(budget, __obj, args, kwargs)
         result = super().call(__context, __obj, *args, **kwargs)
         if isinstance(result, str):
             budget.check_chars(len(result))
@@ -258,9 +265,13 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             for seq, n in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
                     budget.check_chars(_weight(seq) * max(n, 0))
+            ints = isinstance(left, int) and isinstance(right, int)
+            if ints and left.bit_length() + right.bit_length() > _MAX_INT_BITS:
+                raise TemplateBudgetError("integer product is too large")
         elif operator == "**":
             ints = isinstance(left, int) and isinstance(right, int)
-            if ints and abs(left) > 1 and right > 0 and right * math.log2(abs(left)) > 4096:
+            big = ints and abs(left) > 1 and right > 0
+            if big and right * math.log2(abs(left)) > _MAX_INT_BITS:
                 raise TemplateBudgetError(f"{left} ** {right} is too large")
         elif operator == "+":
             if isinstance(left, str) and isinstance(right, str):
@@ -306,30 +317,37 @@ def _weight(value: Any, depth: int = 0) -> int:
     return 1
 
 
+#: Integers a template may build (enough for any arithmetic a prompt needs).
+_MAX_INT_BITS = 4096
+
 #: A macro call costs about as much as this many loop iterations.
 _MACRO_STEPS = 16
 
 _PADDING_METHODS = frozenset({"ljust", "rjust", "center", "zfill", "expandtabs"})
 
 
-def _precheck_call(budget: _Budget, obj: Any, args: tuple, kwargs: dict) -> None:
-    """Refuse str method calls whose result would be huge, before they allocate it."""
+def _precheck_call(budget: _Budget, obj: Any, args: tuple, kwargs: dict) -> tuple:
+    """Refuse str method calls whose result would be huge, before they allocate it.
+
+    Returns the arguments to call with: `str.join` gets its iterable as a list, so its size
+    can be known beforehand.
+    """
     owner = getattr(obj, "__self__", None)
     name = getattr(obj, "__name__", "")
     if not isinstance(owner, str):
-        return
+        return args
     if name in _PADDING_METHODS:
         for value in (*args, *kwargs.values()):
             budget.check_width(value)
     elif name == "replace" and len(args) >= 2:
         _check_replace(budget, owner, args[0], args[1])
-    elif name == "join" and args and isinstance(args[0], (list, tuple)):
-        parts = args[0]
+    elif name == "join" and len(args) == 1:
+        parts = list(_guard_iter(None, args[0]))  # counted like a loop
         total = len(owner) * max(len(parts) - 1, 0)
         total += sum(len(p) for p in parts if isinstance(p, str))
         budget.check_chars(total)
-    elif name == "join" and args:
-        raise TemplateBudgetError("str.join takes a list here; use the join filter")
+        return (parts,)
+    return args
 
 
 def _check_replace(budget: _Budget, text: str, old: Any, new: Any) -> None:
@@ -568,7 +586,7 @@ class ChatTemplate:
             size = 0
             for chunk in self._compiled[name].generate(**variables):
                 size += len(chunk)
-                budget.check_chars(size)
+                budget.check_output(size)
                 out.append(chunk)
             return "".join(out)
         except ChatTemplateError:

@@ -9,7 +9,6 @@ reported by `/model`, because "why is it slow / why do the logits differ" starts
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,19 +73,6 @@ def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
     if cpu_has_fast_bf16():
         return Placement(dev, torch.bfloat16, "auto: CPU has native bf16 (avx512_bf16/amx)")
     return Placement(dev, torch.float32, "auto: CPU lacks native bf16, float32 is faster")
-
-
-def configure_cpu_threads() -> int:
-    """Use as many intra-op threads as the container may run (cgroup quota, affinity)."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            n = max(1, min(n, int(int(quota) / int(period) + 0.5)))
-    except (OSError, ValueError):
-        pass
-    torch.set_num_threads(n)
-    return n
 
 
 def memory_info(device: torch.device) -> dict[str, int | None]:

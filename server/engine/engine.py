@@ -10,7 +10,6 @@ async stream of `GenerationEvent`s fed by the scheduler thread. Admission checks
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -20,12 +19,9 @@ from typing import Any
 
 import torch
 from modeldeploy.server.engine import weights
-from modeldeploy.server.engine.device import (
-    Placement,
-    choose_placement,
-    configure_cpu_threads,
-    memory_info,
-)
+from modeldeploy.server.engine.chat_template import ChatTemplate
+from modeldeploy.server.engine.cpu import configure_threads
+from modeldeploy.server.engine.device import Placement, choose_placement, memory_info
 from modeldeploy.server.engine.errors import (
     EngineClosedError,
     EngineOverloadedError,
@@ -44,6 +40,7 @@ from modeldeploy.server.engine.scheduler import (
     Usage,
 )
 from modeldeploy.server.engine.stop_strings import StopStringFilter
+from modeldeploy.server.engine.tokenizer import Tokenizer
 from modeldeploy.server.errors import UserInputError
 
 __all__ = ["Engine", "EngineStats", "GenerationEvent", "GenerationStream", "Usage"]
@@ -112,85 +109,6 @@ class GenerationStream:
             self._seq.cancelled = True  # a plain flag write; the scheduler drops it next step
 
 
-class _Detokenizer:
-    """Incremental decoding that never splits a UTF-8 character (fallback until the
-    tokenizer module's own `incremental_decoder()` is available)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.emitted = 0
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        out, self.emitted = text[self.emitted :], len(text)
-        return out
-
-    def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        out, self.emitted = text[self.emitted :], len(text)
-        return out
-
-
-def _load_tokenizer(model_dir: Path | None, gguf_metadata: dict | None) -> Any:
-    """Our Tokenizer (tokenizer module) when present, else a thin `tokenizers` wrapper."""
-    try:
-        from modeldeploy.server.engine.tokenizer import Tokenizer
-    except ImportError:
-        Tokenizer = None
-    if Tokenizer is not None:
-        return Tokenizer.from_files(model_dir, gguf_metadata)
-    import tokenizers
-
-    if model_dir is not None and (model_dir / "tokenizer.json").is_file():
-        tok = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    elif gguf_metadata is not None:
-        from modeldeploy.server.engine.gguf_tokenizer import tokenizer_from_gguf
-
-        tok = tokenizer_from_gguf(gguf_metadata)
-    else:
-        raise UserInputError(f"{model_dir}: no tokenizer.json and no GGUF vocabulary")
-
-    class _Thin:
-        eos_token_ids: set[int] = set()
-
-        def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-            return tok.encode(text, add_special_tokens=add_special_tokens).ids
-
-        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-            return tok.decode(ids, skip_special_tokens=skip_special_tokens)
-
-        def incremental_decoder(self) -> _Detokenizer:
-            return _Detokenizer(self)
-
-    return _Thin()
-
-
-def _load_chat_template(model_dir: Path | None, gguf_metadata: dict | None, override: Any):
-    try:
-        from modeldeploy.server.engine.chat_template import ChatTemplate
-    except ImportError:
-        return None
-    return ChatTemplate.load(model_dir, gguf_metadata, override)
-
-
-def _generation_config_eos(model_dir: Path | None) -> set[int]:
-    """EOS ids from generation_config.json (instruct models often add their turn end)."""
-    if model_dir is None:
-        return set()
-    path = model_dir / "generation_config.json"
-    try:
-        value = json.loads(path.read_text()).get("eos_token_id")
-    except (OSError, ValueError, AttributeError):
-        return set()
-    if isinstance(value, int):
-        return {value}
-    return {v for v in value or [] if isinstance(v, int)}
-
-
 class Engine:
     """A loaded model with its tokenizer, template, KV cache and scheduler thread."""
 
@@ -235,7 +153,7 @@ class Engine:
         self.spec = ModelSpec.from_config(files.config, source=str(files.path))
         self.placement: Placement = choose_placement(device, dtype)
         if self.placement.device.type == "cpu":
-            self.threads: int | None = configure_cpu_threads()
+            self.threads: int | None = configure_threads()
         else:
             self.threads = None
         log.info(
@@ -255,8 +173,7 @@ class Engine:
         self.max_queue = max_queue
 
         dev, dt = self.placement.device, self.placement.dtype
-        with torch.device("meta"):
-            model = Transformer(self.spec)
+        model = Transformer(self.spec)
         model.materialize(dev, dt)
         if files.gguf is not None:
             arch = files.gguf.metadata.get("general.architecture", self.spec.architecture)
@@ -269,13 +186,10 @@ class Engine:
 
         tok_dir = Path(slug_dir) if slug_dir else files.model_dir
         gguf_meta = files.gguf.metadata if files.gguf is not None else None
-        self.tokenizer = _load_tokenizer(tok_dir, gguf_meta)
-        self.template = _load_chat_template(tok_dir, gguf_meta, chat_template_file)
-        self.eos_token_ids = (
-            set(files.config.eos_token_ids)
-            | set(getattr(self.tokenizer, "eos_token_ids", set()) or set())
-            | _generation_config_eos(tok_dir)
-        )
+        self.tokenizer = Tokenizer.from_files(tok_dir, gguf_meta)
+        self.template = ChatTemplate.load(tok_dir, gguf_meta, chat_template_file)
+        # config.json + generation_config.json (formats) and the tokenizer's own end tokens
+        self.eos_token_ids = set(files.config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
         self.scheduler = Scheduler(
             model,
             self.cache,

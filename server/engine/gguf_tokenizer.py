@@ -192,7 +192,9 @@ def _byte_level(tokens: list[str], metadata: Mapping[str, Any]) -> tuple[Tokeniz
     if "tokenizer.ggml.merges" not in metadata:
         raise FormatError("GGUF byte-level tokenizer has no tokenizer.ggml.merges")
     merges = [tuple(m.split(" ", 1)) for m in _strings(metadata["tokenizer.ggml.merges"])]
-    tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    if any(len(m) != 2 for m in merges):
+        raise FormatError("GGUF tokenizer.ggml.merges has an entry that is not two tokens")
+    tokenizer = _bpe(vocab, merges, fuse_unk=False, byte_fallback=False)
     pre = str(metadata.get("tokenizer.ggml.pre", "default"))
     splits = PRE_TOKENIZER_SPLITS.get(pre)
     if splits is None:
@@ -225,10 +227,8 @@ def _sentencepiece(
             raise FormatError("GGUF SentencePiece tokenizer has no tokenizer.ggml.scores")
         merges = _merges_by_score(vocab_tokens, vocab, np.asarray(scores, dtype=np.float64))
     unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
-    unk = vocab_tokens[int(unk_id)] if unk_id is not None else "<unk>"
-    tokenizer = Tokenizer(
-        BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
-    )
+    unk = vocab_tokens[_token_index(unk_id, tokens, "unknown")] if unk_id is not None else "<unk>"
+    tokenizer = _bpe(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
     steps = [decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if gemma:
         tokenizer.normalizer = normalizers.Replace(" ", SPM_SPACE)
@@ -249,6 +249,25 @@ def _sentencepiece(
     return tokenizer, vocab_tokens
 
 
+def _bpe(vocab: dict[str, int], merges: list[tuple[str, str]], **options: Any) -> Tokenizer:
+    """The BPE model, with the library's complaints (a merge of unknown tokens) as FormatError."""
+    try:
+        return Tokenizer(BPE(vocab=vocab, merges=merges, **options))
+    except Exception as exc:  # tokenizers raises plain Exception
+        raise FormatError(f"GGUF tokenizer vocabulary is inconsistent: {exc}") from exc
+
+
+def _token_index(value: Any, tokens: Sequence[str], key: str) -> int:
+    """A `tokenizer.ggml.<key>_token_id` checked against the vocabulary."""
+    index = int(value)
+    if not 0 <= index < len(tokens):
+        raise FormatError(
+            f"GGUF tokenizer.ggml.{key}_token_id {index} is outside the vocabulary "
+            f"of {len(tokens)} tokens"
+        )
+    return index
+
+
 def _merges_by_position(tokens: Sequence[str], vocab: Mapping[str, int]) -> list[tuple[str, str]]:
     """Every split of a token into two vocabulary tokens, ranked by file position.
 
@@ -257,11 +276,12 @@ def _merges_by_position(tokens: Sequence[str], vocab: Mapping[str, int]) -> list
     order is simply token by token, longest left part first — so we emit it in that order.
     """
     unique = [t for i, t in enumerate(tokens) if len(t) > 1 and vocab[t] == i]
+    known = frozenset(vocab)  # set lookups are measurably faster than dict ones here
     return [
         (t[:k], t[k:])
         for t in unique
         for k in range(len(t) - 1, 0, -1)
-        if t[:k] in vocab and t[k:] in vocab
+        if t[:k] in known and t[k:] in known
     ]
 
 
@@ -343,10 +363,14 @@ def _post_processor(
     add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
     bos_id = metadata.get("tokenizer.ggml.bos_token_id")
     eos_id = metadata.get("tokenizer.ggml.eos_token_id")
-    return template_processing(
-        (tokens[int(bos_id)], int(bos_id)) if add_bos and bos_id is not None else None,
-        (tokens[int(eos_id)], int(eos_id)) if add_eos and eos_id is not None else None,
-    )
+    bos = eos = None
+    if add_bos and bos_id is not None:
+        index = _token_index(bos_id, tokens, "bos")
+        bos = (tokens[index], index)
+    if add_eos and eos_id is not None:
+        index = _token_index(eos_id, tokens, "eos")
+        eos = (tokens[index], index)
+    return template_processing(bos, eos)
 
 
 def template_processing(

@@ -28,7 +28,12 @@ from modeldeploy.server.errors import UnsupportedArchitectureError
 from modeldeploy.server.formats.config import SUPPORTED_ARCHITECTURES
 from torch import nn
 
-SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3")
+#: "rope_freqs": a GGUF carries per-frequency divisors (llama 3.1+), see `set_rope_factors`.
+SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3", "rope_freqs")
+
+#: Modules are built without storage and materialized on the target device by the loader
+#: (passed explicitly: the `torch.device("meta")` context manager imports torch._dynamo, 2 s).
+META = torch.device("meta")
 
 
 def check_supported(architecture: str | None, source: str) -> str:
@@ -165,7 +170,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float, unit_offset: bool) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(dim, device=META), requires_grad=False)
         self.eps = eps
         self.unit_offset = unit_offset
 
@@ -278,8 +283,10 @@ class Attention(nn.Module):
         self.sliding = sliding
         nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.sizes = (nh * hd, nkv * hd, nkv * hd)
-        self.wqkv = nn.Linear(spec.hidden_size, sum(self.sizes), bias=spec.attention_bias)
-        self.wo = nn.Linear(nh * hd, spec.hidden_size, bias=False)
+        self.wqkv = nn.Linear(
+            spec.hidden_size, sum(self.sizes), bias=spec.attention_bias, device=META
+        )
+        self.wo = nn.Linear(nh * hd, spec.hidden_size, bias=False, device=META)
         if spec.qk_norm:
             self.q_norm = RMSNorm(hd, spec.rms_norm_eps, spec.norm_unit_offset)
             self.k_norm = RMSNorm(hd, spec.rms_norm_eps, spec.norm_unit_offset)
@@ -329,8 +336,8 @@ class MLP(nn.Module):
     def __init__(self, hidden: int, inter: int, act: str) -> None:
         super().__init__()
         self.inter = inter
-        self.w13 = nn.Linear(hidden, 2 * inter, bias=False)
-        self.w2 = nn.Linear(inter, hidden, bias=False)
+        self.w13 = nn.Linear(hidden, 2 * inter, bias=False, device=META)
+        self.w2 = nn.Linear(inter, hidden, bias=False, device=META)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -345,9 +352,9 @@ class MoE(nn.Module):
         super().__init__()
         e, h, m = spec.num_experts, spec.hidden_size, spec.moe_intermediate_size
         self.spec = spec
-        self.gate = nn.Linear(h, e, bias=False)
-        self.w13 = nn.Parameter(torch.empty(e, 2 * m, h), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(e, h, m), requires_grad=False)
+        self.gate = nn.Linear(h, e, bias=False, device=META)
+        self.w13 = nn.Parameter(torch.empty(e, 2 * m, h, device=META), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(e, h, m, device=META), requires_grad=False)
         self.act = activation(spec.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -399,21 +406,21 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The decoder. Build on the meta device, then `materialize()` and let a loader fill it."""
+    """The decoder. Built without storage; `materialize()` then let a loader fill it."""
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size, device=META)
         self.layers = nn.ModuleList(Block(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_unit_offset)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, device=META)
         self.inv_freq: dict[bool, torch.Tensor] = {}
 
     def materialize(self, device: torch.device, dtype: torch.dtype) -> None:
         """Allocate uninitialised parameters (the loader overwrites all) and RoPE frequencies."""
+        self.to(dtype=dtype)  # still storage-less: free, and no float32 copy on the device
         self.to_empty(device=device)
-        self.to(dtype)
         if self.spec.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         spec = self.spec
@@ -424,6 +431,15 @@ class Transformer(nn.Module):
             theta = spec.rope_local_theta
             local = rope_inv_freq(spec, theta, None).to(device) if theta else glob
             self.inv_freq[True] = local
+
+    def set_rope_factors(self, factors: torch.Tensor) -> None:
+        """Divide the global RoPE frequencies by a GGUF's `rope_freqs.weight` (llama.cpp)."""
+        inv = self.inv_freq[False]
+        if factors.numel() != inv.numel():
+            raise UnsupportedArchitectureError(
+                f"rope_freqs.weight has {factors.numel()} factors, expected {inv.numel()}"
+            )
+        self.inv_freq[False] = inv / factors.reshape(-1).float().to(inv.device)
 
     def step_for(self, positions: torch.Tensor, slots: list[int], dtype: torch.dtype) -> Step:
         """Masks, rotary slices and cache addressing for rows at `positions` in `slots`."""

@@ -49,6 +49,7 @@ END_OF_GENERATION_TEXTS = (
 )
 
 REPLACEMENT_CHAR = "\ufffd"
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback tokens
 
 
@@ -150,8 +151,18 @@ class Tokenizer:
     # -- text <-> ids -----------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; `add_special_tokens` adds BOS/EOS as the model asks."""
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`; `add_special_tokens` adds BOS/EOS as the model asks.
+
+        Lone surrogates (JSON allows "\\ud800") are not text the library accepts; they are
+        encoded as U+FFFD instead of failing the request.
+        """
+        try:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            if not isinstance(text, str):
+                raise
+            clean = _LONE_SURROGATE.sub(REPLACEMENT_CHAR, text)
+            return self._tok.encode(clean, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids` (special tokens dropped unless asked for)."""

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from modeldeploy.server.engine import dequant
 from modeldeploy.server.engine.model import Transformer
 from modeldeploy.server.errors import FormatError
 
@@ -94,7 +95,7 @@ _GGUF_TOP_MAP: dict[str, Target] = {
 }
 
 #: Checkpoint tensors we knowingly do not use (RoPE caches and factors we recompute).
-_IGNORED = re.compile(r"(rotary_emb\.inv_freq|rope_freqs\.weight|rope_factors)")
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|rope_factors)")
 
 
 def hf_target(name: str, model: Transformer) -> Target | None:
@@ -233,18 +234,27 @@ def gguf_tensor(gguf: Any, info: Any) -> torch.Tensor:
     """One GGUF tensor as a torch tensor in numpy (HF) order, dequantized if needed.
 
     Plain float types come as zero-copy views of the mmap'd file (read-only, hence the
-    silenced warning: we only ever read them into our own parameters).
+    silenced warning: we only ever read them into our own parameters); common quant types
+    are decoded by our torch kernels, the rest by gguf-py through the formats layer.
     """
     from gguf import GGMLQuantizationType as Q
 
-    if info.ggml_type in (Q.F32, Q.F16, Q.BF16):
-        raw = gguf.raw(info.name)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
+    raw = gguf.raw(info.name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        if info.ggml_type in (Q.F32, Q.F16, Q.BF16):
             if info.ggml_type == Q.BF16:
                 return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
             return torch.from_numpy(raw)
+        fast = dequant.dequantize(torch.from_numpy(raw_2d(raw)), info.type_name)
+    if fast is not None:
+        return fast.reshape(tuple(info.shape))
     return torch.from_numpy(gguf.dequantize(info.name))
+
+
+def raw_2d(raw: np.ndarray) -> np.ndarray:
+    """Quantized bytes as (rows, bytes_per_row), the layout the torch decoders take."""
+    return raw.reshape(-1, raw.shape[-1])
 
 
 def load_gguf(
@@ -256,6 +266,9 @@ def load_gguf(
     permuted = arch in GGUF_PERMUTED_ARCHS
     total = len(gguf.tensors)
     for done, info in enumerate(gguf.tensors, 1):
+        if info.name == "rope_freqs.weight":
+            model.set_rope_factors(gguf_tensor(gguf, info))
+            continue
         target = gguf_target(info.name)
         if target is None:
             if _IGNORED.search(info.name):

@@ -19,8 +19,9 @@ import httpx
 Key = tuple[str, str]
 Listener = Callable[[str, dict[str, Any]], None]
 
-#: Seconds a watch request stays open before it is renewed from the last resourceVersion.
-WATCH_TIMEOUT_S = 5
+#: Seconds a watch request stays open before it is renewed from the last resourceVersion
+#: (short, because stopping an informer waits for the open request to end).
+WATCH_TIMEOUT_S = 1
 
 
 def key_of(obj: Mapping[str, Any]) -> Key:
@@ -61,9 +62,10 @@ class Informer:
             raise RuntimeError(f"informer for {self.path} did not sync: {self.error!r}")
         return self
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Stop watching; with `wait=False` only ask (several informers then stop together)."""
         self._stop.set()
-        if self._thread is not None:
+        if wait and self._thread is not None:
             self._thread.join(WATCH_TIMEOUT_S + 5)
 
     def snapshot(self) -> dict[Key, dict[str, Any]]:
@@ -107,7 +109,9 @@ class Informer:
                         rv = self._relist(client)
                         self.synced.set()
                     rv = self._watch(client, rv)
-                except (httpx.HTTPError, json.JSONDecodeError) as exc:
+                except Exception as exc:  # a closed stream, the emulator going away: start over
+                    if self._stop.is_set():
+                        break
                     self.error = exc
                     rv = ""
                     self._stop.wait(0.2)

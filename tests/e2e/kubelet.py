@@ -50,6 +50,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -78,7 +79,11 @@ FALLBACK_BYTES = 2048
 #: The termination message file is read up to this many bytes.
 MESSAGE_BYTES = 4096
 TEMPLATE_HASH_LABEL = "pod-template-hash"
+#: If the test process dies without cleaning up (SIGKILL, a crash), the kernel kills the
+#: containers too: util-linux `setpriv --pdeathsig KILL` execs the container's command.
+SETPRIV = shutil.which("setpriv")
 DEPLOYMENTS_PATH = "/apis/apps/v1/deployments"
+NODE_NAME = "fake-node"
 PODS_PATH = "/api/v1/pods"
 
 
@@ -124,6 +129,7 @@ class Probe:
     spec: Mapping[str, Any]
     next_due: float = 0.0
     failures: int = 0
+    last_error: str = ""
 
     @property
     def period(self) -> float:
@@ -144,7 +150,7 @@ class Probe:
             get = self.spec["httpGet"]
             port = ports.get(str(get.get("port")))
             if port is None:
-                ok = False
+                ok, self.last_error = False, f"no container port {get.get('port')}"
             else:
                 headers = {h["name"]: h["value"] for h in get.get("httpHeaders") or []}
                 try:
@@ -154,15 +160,16 @@ class Probe:
                         timeout=timeout,
                     )
                     ok = 200 <= response.status_code < 400
-                except httpx.HTTPError:
-                    ok = False
+                    self.last_error = f"HTTP probe failed with statuscode: {response.status_code}"
+                except httpx.HTTPError as exc:
+                    ok, self.last_error = False, f"Get {get.get('path', '/')}: {exc}"
         elif "tcpSocket" in self.spec:
             port = ports.get(str(self.spec["tcpSocket"].get("port")))
             try:
                 with socket.create_connection((POD_IP, port or 0), timeout):
                     ok = port is not None
-            except OSError:
-                ok = False
+            except OSError as exc:
+                ok, self.last_error = False, f"dial tcp {POD_IP}:{port}: {exc}"
         else:
             raise ContainerConfigError(f"probe {sorted(self.spec)} not supported")
         self.failures = 0 if ok else self.failures + 1
@@ -212,9 +219,10 @@ class Container:
         logs = self.pod_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self.log_path = logs / f"{self.name}-{self.instances}.log"
+        argv = [SETPRIV, "--pdeathsig", "KILL", "--", *launch.argv] if SETPRIV else launch.argv
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                launch.argv,
+                argv,
                 env=launch.env,
                 cwd=launch.cwd,
                 stdin=subprocess.DEVNULL,
@@ -364,6 +372,24 @@ class PodRunner:
     def ready(self) -> bool:
         return bool(self.mains) and all(c.ready for c in self.mains)
 
+    def dry_run(self) -> dict[str, Launch | dict[str, Any]]:
+        """Each container's Launch (or its waiting state) as the kubelet would build it now.
+
+        Nothing is started; lets a test check the translation of a pod spec.
+        """
+        self.volumes = self._resolve_volumes()
+        if self.volumes is None:
+            raise ContainerConfigError(self.unschedulable)
+        out: dict[str, Launch | dict[str, Any]] = {}
+        for container in [*self.inits, *self.mains]:
+            launch = self._launch(container)
+            out[container.name] = launch if launch is not None else container.state
+        return out
+
+    def close(self) -> None:
+        """Release the API client of a runner that was never started."""
+        self._client.close()
+
     # ---- lifecycle -----------------------------------------------------------------
 
     def start(self) -> PodRunner:
@@ -450,13 +476,21 @@ class PodRunner:
             container.finish(at)
             return  # publish the terminated state before the restart, as the kubelet does
         if container.proc is None:
-            if container.completed or container.waiting_for_backoff(at, self.name):
+            if container.completed:
+                return
+            backing_off = (container.state.get("waiting") or {}).get("reason") == "CrashLoopBackOff"
+            if container.waiting_for_backoff(at, self.name):
+                if not backing_off:
+                    self._event(
+                        container, "Warning", "BackOff", "Back-off restarting failed container"
+                    )
                 return
             if "terminated" in container.state:
                 container.last_state = container.state
             launch = self._launch(container)
             if launch is not None:
                 container.start(launch, at)
+                self._event(container, "Normal", "Started", f"Started container {container.name}")
             return
         container.enforce_kill(at)
         if container.kill_deadline is not None or container.launch is None:
@@ -477,7 +511,7 @@ class PodRunner:
                         if kind in container.probes:
                             container.probes[kind].next_due = at
                 elif startup.failures >= startup.threshold:
-                    container.kill("failed startup probe", self.grace, at)
+                    self._unhealthy(container, "Startup", startup, at)
                     return
             if not container.started:
                 return
@@ -494,7 +528,47 @@ class PodRunner:
             alive = liveness.run(ports, at)
             if not alive and liveness.failures >= liveness.threshold:
                 container.ready = False
-                container.kill("failed liveness probe", self.grace, at)
+                self._unhealthy(container, "Liveness", liveness, at)
+
+    def _unhealthy(self, container: Container, kind: str, probe: Probe, at: float) -> None:
+        """A startup or liveness probe failed `failureThreshold` times: kill, to be restarted."""
+        self._event(container, "Warning", "Unhealthy", f"{kind} probe failed: {probe.last_error}")
+        self._event(
+            container,
+            "Normal",
+            "Killing",
+            f"Container {container.name} failed {kind.lower()} probe, will be restarted",
+        )
+        container.kill(f"failed {kind.lower()} probe", self.grace, at)
+
+    def _event(self, container: Container, kind: str, reason: str, message: str) -> None:
+        """Post a core/v1 Event about this pod, as the kubelet does (best effort)."""
+        stamp = now()
+        group = "initContainers" if container.init else "containers"
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{self.name}.", "namespace": self.namespace},
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "namespace": self.namespace,
+                "name": self.name,
+                "uid": self.pod["metadata"].get("uid", ""),
+                "fieldPath": f"spec.{group}{{{container.name}}}",
+            },
+            "type": kind,
+            "reason": reason,
+            "message": message,
+            "source": {"component": "kubelet", "host": NODE_NAME},
+            "reportingComponent": "kubelet",
+            "reportingInstance": NODE_NAME,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        with contextlib.suppress(httpx.HTTPError):
+            self._client.post(f"/api/v1/namespaces/{self.namespace}/events", json=event)
 
     def _step(self, at: float) -> None:
         if self.volumes is None:
@@ -604,6 +678,8 @@ class FakeKubelet:
             runners = list(self.runners.values())
         for runner in runners:
             runner.stop()
+        self.deployments.stop(wait=False)
+        self.pods.stop(wait=False)
         for runner in runners:
             runner.join(60)
         self.deployments.stop()
@@ -752,7 +828,7 @@ class FakeKubelet:
                     }
                 ],
             },
-            "spec": {**template["spec"], "nodeName": "fake-node"},
+            "spec": {**template["spec"], "nodeName": NODE_NAME},
         }
         response = self._client.post(f"/api/v1/namespaces/{meta['namespace']}/pods", json=pod)
         response.raise_for_status()

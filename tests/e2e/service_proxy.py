@@ -56,9 +56,14 @@ class ServiceProxy:
         return self.ports[(namespace, name, port)]
 
     async def _close_all(self) -> None:
+        """Close the listeners and cut the open connections (kept-alive client sockets)."""
         for server in self._servers.values():
             server.close()
         self._servers.clear()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _on_event(self, kind: str, obj: Mapping[str, Any]) -> None:
         meta = obj["metadata"]

@@ -208,7 +208,7 @@ class Cluster:
 
 
 def wait_for(
-    probe: Callable[[], T], *, timeout: float = 10.0, interval: float = 0.05, what: str = ""
+    probe: Callable[[], T], *, timeout: float = 15.0, interval: float = 0.05, what: str = ""
 ) -> T:
     """Poll `probe` until it returns something truthy; fail with its last value otherwise."""
     deadline = time.monotonic() + timeout

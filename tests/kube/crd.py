@@ -153,6 +153,23 @@ def _unknown_fields(schema: Mapping[str, Any], value: Any, path: tuple[Any, ...]
     return causes
 
 
+def prune(schema: Mapping[str, Any], value: Any, path: tuple[Any, ...] = ()) -> Any:
+    """Drop unknown fields, as the API server does when field validation is not Strict."""
+    if isinstance(value, dict) and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        props = schema.get("properties") or {}
+        extra = schema.get("additionalProperties")
+        for key in list(value):
+            if key in props:
+                value[key] = prune(props[key], value[key], (*path, key))
+            elif isinstance(extra, Mapping):
+                value[key] = prune(extra, value[key], (*path, key))
+            elif extra in (None, False) and path != ("metadata",):
+                del value[key]
+    elif isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        return [prune(schema["items"], item, path) for item in value]
+    return value
+
+
 def _describe(error: jsonschema.ValidationError, field: str) -> Cause:
     value = json.dumps(error.instance)
     kind = error.validator
@@ -324,6 +341,8 @@ class CustomResourceSchema:
     ) -> dict[str, Any]:
         """Default and validate like the API server; raise Invalid naming the fields."""
         defaulted = self.default(obj)
+        if not strict:
+            defaulted = prune(self.schema, defaulted)
         causes = self.validate(defaulted, old, strict=strict)
         if causes:
             name = (obj.get("metadata") or {}).get("name", "")

@@ -36,6 +36,7 @@ import copy
 import datetime
 import itertools
 import json
+import re
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -151,6 +152,8 @@ class StrictKubernetesEmulator(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.fallback[kmock.method.PUT] << self._serve_replace
+        self.fallback["get /openapi/v3"] << self._serve_openapi_root
+        self.fallback["get", re.compile(r"/openapi/v3/.+")] << self._serve_openapi_group_version
         self._scale_paths[kmock.resource("apps", "v1", "deployments")] = (
             "spec.replicas",
             "status.replicas",
@@ -196,6 +199,23 @@ class StrictKubernetesEmulator(kmock.KubernetesEmulator):
 
     def schema_for(self, res: kmock.resource) -> CustomResourceSchema | None:
         return self._schemas.get(res)
+
+    async def _serve_version(self, request: kmock.Request) -> Any:
+        """API discovery like kube-apiserver's: subresources carry no short names.
+
+        kmock copies a resource's short names and kind to its subresources, which makes
+        kubectl warn that `md` "could also match" modeldeployments/status.
+        """
+        listing = await super()._serve_version(request)
+        listing["groupVersion"] = listing["groupVersion"].lstrip("/")  # core is "v1"
+        for entry in listing.get("resources", []):
+            if "/" in entry["name"]:
+                sub = entry["name"].split("/", 1)[1]
+                entry["shortNames"], entry["categories"], entry["singularName"] = [], [], ""
+                entry["verbs"] = ["get", "patch", "update"]
+                if sub == "scale":
+                    entry.update(group="autoscaling", version="v1", kind="Scale")
+        return listing
 
     # ---- plumbing ----------------------------------------------------------------------
 
@@ -499,8 +519,16 @@ class StrictKubernetesEmulator(kmock.KubernetesEmulator):
         except ValueError as exc:
             raise _status_error(400, "BadRequest", str(exc)) from None
 
-    async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
-        matches = self._matcher(request)
+    async def _serve_watch(self, request: kmock.Request) -> Any:
+        """A watch stream of JSON lines (kubectl refuses kmock's default octet-stream)."""
+        matches = self._matcher(request)  # a bad selector is a 400, before the stream starts
+        return kmock.Response(
+            status=200,
+            headers={"Content-Type": "application/json"},
+            payload=self._watch_events(request, matches),
+        )
+
+    async def _watch_events(self, request: kmock.Request, matches: Any) -> AsyncIterator[Any]:
         since = request.params.get("resourceVersion") or ""
         since = since if since.isdigit() else ""
         timeout = float(request.params.get("timeoutSeconds") or 0) or None
@@ -517,11 +545,14 @@ class StrictKubernetesEmulator(kmock.KubernetesEmulator):
                 and matches(obj)
             )
 
+        initial_events = request.params.get("sendInitialEvents") == "true"
         async with self._lock:
-            if since in ("", "0"):
+            if since in ("", "0") or initial_events:
                 for (res, _ns, _name), item in self._objects.items():
                     if not item.deleted and wanted(res, {"object": item.raw}):
                         backlog.append({"type": "ADDED", "object": copy.deepcopy(item.raw)})
+                if initial_events:  # the watch-list protocol of client-go >= 1.32
+                    backlog.append(self._initial_events_end(request))
             else:
                 oldest = self._log[0][0] if self._log else self._last_rv + 1
                 if int(since) < oldest - 1 and len(self._log) >= EVENT_LOG_LIMIT:
@@ -546,6 +577,21 @@ class StrictKubernetesEmulator(kmock.KubernetesEmulator):
             return
         finally:
             self._subscribers.discard(queue)
+
+    def _initial_events_end(self, request: kmock.Request) -> dict[str, Any]:
+        assert request.resource is not None
+        res = request.resource
+        return {
+            "type": "BOOKMARK",
+            "object": {
+                "apiVersion": f"{res.group}/{res.version}" if res.group else res.version,
+                "kind": self._kind(res),
+                "metadata": {
+                    "resourceVersion": str(self._last_rv),
+                    "annotations": {"k8s.io/initial-events-end": "true"},
+                },
+            },
+        }
 
     async def _serve_update(self, request: kmock.Request) -> Any:
         content_type = _header(request, "Content-Type").split(";")[0].strip()
@@ -656,6 +702,65 @@ class StrictKubernetesEmulator(kmock.KubernetesEmulator):
         _put(new, spec_path, replicas)
         stored = self._finish_write(key, old, new, None, request)
         return self._scale_view(key[0], stored)
+
+    # ---- OpenAPI v3 (kubectl apply's field validation, kubectl explain) -------------------
+
+    def _group_versions(self) -> dict[str, list[kmock.resource]]:
+        found: dict[str, list[kmock.resource]] = {}
+        for res in self.resources:
+            if res.version and res.plural:
+                path = f"apis/{res.group}/{res.version}" if res.group else f"api/{res.version}"
+                found.setdefault(path, []).append(res)
+        return found
+
+    async def _serve_openapi_root(self, request: kmock.Request) -> Any:
+        return {
+            "paths": {
+                path: {"serverRelativeURL": f"/openapi/v3/{path}?hash={len(self._schemas)}"}
+                for path in self._group_versions()
+            }
+        }
+
+    async def _serve_openapi_group_version(self, request: kmock.Request) -> Any:
+        """Enough of a group-version's OpenAPI v3 document for kubectl.
+
+        Every resource's PATCH and PUT accept `fieldValidation` (so `kubectl apply` lets the
+        server validate, and the CRD admission above does), and installed CRDs publish
+        their schema with descriptions (so `kubectl explain md.spec` works).
+        """
+        path = request.url.path.removeprefix("/openapi/v3/")
+        resources = self._group_versions().get(path)
+        if resources is None:
+            raise _status_error(404, "NotFound", f"no OpenAPI document for {path}")
+        paths: dict[str, Any] = {}
+        schemas: dict[str, Any] = {}
+        for res in resources:
+            gvk = {"group": res.group, "version": res.version, "kind": self._kind(res)}
+            operation = {
+                "x-kubernetes-group-version-kind": gvk,
+                "parameters": [
+                    {"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}
+                ],
+                "responses": {"200": {"description": "OK"}},
+            }
+            namespaced = res in self.resources and self.resources[res].namespaced
+            scope = "namespaces/{namespace}/" if namespaced else ""
+            item = f"/{path}/{scope}{res.plural}/{{name}}"
+            paths[item] = {"patch": operation, "put": operation}
+            paths[f"/{path}/{scope}{res.plural}"] = {"post": operation}
+            schema = self._schemas.get(res)
+            if schema is not None:
+                name = ".".join([*reversed(res.group.split(".")), res.version, schema.kind])
+                schemas[name] = {
+                    **copy.deepcopy(dict(schema.schema)),
+                    "x-kubernetes-group-version-kind": [gvk],
+                }
+        return {
+            "openapi": "3.0.0",
+            "info": {"title": "Kubernetes", "version": "v1.35.0"},
+            "paths": paths,
+            "components": {"schemas": schemas},
+        }
 
     # ---- kubectl's Table output ----------------------------------------------------------
 

@@ -1,0 +1,667 @@
+"""Weight-only quantized linear layers for CPU, built straight from GGUF blocks.
+
+Decode on a CPU is memory-bound: every generated token reads every weight once, so the
+bytes per weight set the speed. torch ships CPU kernels that read compressed weights:
+`_weight_int4pack_mm_for_cpu` (4-bit codes, one bf16 scale and zero per group of `G`
+input features per output row) and `_weight_int8pack_mm` (int8, one scale per output
+row). Both want bfloat16 activations; with float32 they are 20-100x slower, so we cast.
+
+GGUF maps onto them as follows (w = dequantized weight, q = stored code):
+
+| GGUF | w | int4pack: w = (q - 8) * scale + zero |
+|---|---|---|
+| Q4_0 | (q - 8) * d | scale = d, zero = 0 (exact) |
+| Q4_1 | q * d + m | scale = d, zero = 8d + m (exact) |
+| Q4_K | q * d*sc - dmin*m | scale = d*sc, zero = 8*scale - dmin*m (exact) |
+
+"Exact" up to rounding the per-group scale/zero to bfloat16 (relative 2^-9), far below
+the 4-bit step. Every other quantized type (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, Q2_K, Q3_K)
+carries more bits than int4 and per-block scales that int8's per-row scale cannot hold,
+so it is *requantized* by `QuantPolicy.requant`: int8 per row (default: small extra
+error, 1 byte/weight), int4 per group of 32 (faster, lossy) or dense (exact, 2
+bytes/weight). Figures behind the default are in bench/QUANT.md.
+
+Kernel constraints found by experiment on torch 2.13 (not documented): int4pack needs
+N % 16 == 0 and K % G == 0, and packs rows in independent blocks of 64 (so we pack in
+chunks); int8pack returns garbage or crashes unless K % 16 == 0. Layers that do not fit,
+and every layer on a non-CPU device (those kernels are CPU-only), fall back to a dense
+weight in the model dtype, dequantized once at load.
+
+The packed data lives in plain attributes, not parameters or buffers, so a later
+`model.to_empty()` / `model.to(dtype)` (what the engine's materialize does) leaves it
+alone; biases stay ordinary parameters so the normal loader fills them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gguf_quants
+from modeldeploy.server.errors import UserInputError
+from torch import nn
+
+log = logging.getLogger("modeldeploy.engine")
+
+Q = GGMLQuantizationType
+
+#: GGUF types whose blocks are int4pack groups of 32 with no loss.
+EXACT_INT4_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q4_K})
+#: Unquantized GGUF types.
+FLOAT_TYPES = frozenset({Q.F32, Q.F16, Q.BF16})
+#: The activation dtype both CPU kernels are fast with.
+KERNEL_DTYPE = torch.bfloat16
+#: GGUF's block length for Q4_0/Q4_1 and Q4_K's sub-blocks: our int4 group size.
+GGUF_GROUP = 32
+#: Rows converted per chunk, a multiple of int4pack's 64-row packing block; bounds the
+#: temporary float32/int32 copies to a few MB per chunk.
+CHUNK_ROWS = 1024
+
+
+class Scheme(StrEnum):
+    """How one weight is held in memory."""
+
+    INT4 = "int4"
+    INT8 = "int8"
+    DENSE = "dense"
+
+
+class QuantPolicyError(UserInputError):
+    """A --quant-policy value we do not know."""
+
+
+@dataclass(frozen=True)
+class QuantPolicy:
+    """Which scheme each GGUF weight type gets on a CPU.
+
+    `requant` applies to quantized types that int4 cannot hold exactly; `floats` to
+    F32/F16/BF16 weights; `keep_int4=False` turns the exact int4 path off (dense
+    everywhere, the float reference for quality checks).
+    """
+
+    requant: Scheme = Scheme.INT8
+    floats: Scheme = Scheme.DENSE
+    keep_int4: bool = True
+
+    NAMES = ("auto", "int8", "int4", "dense")
+
+    @classmethod
+    def parse(cls, text: str | None) -> QuantPolicy:
+        """`auto`/`int8` (default), `int4` (requantize all to int4), `dense` (no kernels)."""
+        name = (text or "auto").strip().lower()
+        if name in ("auto", "int8"):
+            return cls()
+        if name == "int4":
+            return cls(requant=Scheme.INT4)
+        if name == "dense":
+            return cls(requant=Scheme.DENSE, keep_int4=False)
+        raise QuantPolicyError(f"quant policy '{text}': expected one of {', '.join(cls.NAMES)}")
+
+    def scheme_for(self, ggml_type: GGMLQuantizationType) -> Scheme:
+        if ggml_type in FLOAT_TYPES:
+            return self.floats
+        if ggml_type in EXACT_INT4_TYPES and self.keep_int4:
+            return Scheme.INT4
+        return self.requant
+
+
+@functools.cache
+def cpu_kernels_available() -> bool:
+    """True when this torch build has both CPU kernels and they compute what we expect."""
+    try:
+        codes = torch.full((16, 32), 9, dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        sz = torch.tensor([2.0, 1.0], dtype=KERNEL_DTYPE).expand(1, 16, 2).contiguous()
+        x = torch.ones(1, 32, dtype=KERNEL_DTYPE)
+        y4 = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz)
+        w8 = torch.ones(16, 32, dtype=torch.int8)
+        y8 = torch.ops.aten._weight_int8pack_mm(x, w8, torch.ones(16, dtype=KERNEL_DTYPE))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    # (9 - 8) * 2 + 1 = 3 per weight, 32 inputs -> 96; int8: 32.
+    return bool((y4 == 96).all() and (y8 == 32).all())
+
+
+# ---------------------------------------------------------------------------------------
+# GGUF blocks -> int4 codes with per-group scale/zero (exact types)
+
+
+def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
+    """The float16 at byte `start` of every block, as float32 (n_blocks, 1)."""
+    return blocks[:, start : start + 2].copy().view(np.float16).astype(np.float32)
+
+
+def _nibbles_32(qs: np.ndarray) -> np.ndarray:
+    """16 bytes -> 32 codes in GGUF order: low nibbles are elements 0-15, high 16-31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def int4_codes(
+    ggml_type: GGMLQuantizationType, raw: np.ndarray, rows: int, cols: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact int4 form of Q4_0/Q4_1/Q4_K rows: codes uint8 (rows, cols) in 0..15 and
+    scale, zero float32 (rows, cols // 32) with w = (code - 8) * scale + zero."""
+    size = GGML_QUANT_SIZES[ggml_type][1]
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, size)
+    if ggml_type == Q.Q4_0:
+        d = _f16(blocks, 0)
+        codes = _nibbles_32(blocks[:, 2:])
+        scale, zero = d, np.zeros_like(d)
+    elif ggml_type == Q.Q4_1:
+        d, m = _f16(blocks, 0), _f16(blocks, 2)
+        codes = _nibbles_32(blocks[:, 4:])
+        scale, zero = d, 8.0 * d + m
+    elif ggml_type == Q.Q4_K:
+        n = blocks.shape[0]
+        d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+        sc, mn = gguf_quants.Q4_K.get_scale_min(blocks[:, 4:16])
+        # 4 chunks of 32 bytes; each holds 64 elements: low nibbles first, then high.
+        qs = blocks[:, 16:].reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+        codes = (qs & 0x0F).reshape(n, 8, 32)
+        scale = d * sc.astype(np.float32)
+        zero = 8.0 * scale - dmin * mn.astype(np.float32)
+    else:
+        raise ValueError(f"{ggml_type.name} has no exact int4 form")
+    return codes.reshape(rows, cols), scale.reshape(rows, -1), zero.reshape(rows, -1)
+
+
+def dequantize_rows(ggml_type: GGMLQuantizationType, raw: np.ndarray, cols: int) -> np.ndarray:
+    """float32 (rows, cols) of any GGUF type: the engine's torch decoders where they exist,
+    gguf-py's reference dequantizers otherwise."""
+    if ggml_type in FLOAT_TYPES:
+        if ggml_type == Q.BF16:
+            bits = np.asarray(raw).view(np.uint16).astype(np.uint32) << 16
+            return bits.view(np.float32).reshape(-1, cols)
+        return np.asarray(raw, dtype=np.float32).reshape(-1, cols)
+    from modeldeploy.server.engine.dequant import dequantize as torch_dequantize
+
+    data = np.array(raw, dtype=np.uint8, copy=True)  # writable: torch refuses read-only views
+    fast = torch_dequantize(torch.from_numpy(data.reshape(data.shape[0], -1)), ggml_type.name)
+    if fast is not None:  # the engine's torch decoders: ~40x faster than gguf-py's numpy
+        return fast.numpy().reshape(-1, cols)
+    out = gguf_quants.dequantize(data, ggml_type)
+    return np.asarray(out, dtype=np.float32).reshape(-1, cols)
+
+
+# ---------------------------------------------------------------------------------------
+# float -> int8 per row / int4 per group (requantization)
+
+
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (int8 (N, K), float32 scale (N,)) with w ~= q * scale."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int4_groups(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max int4 per group: codes uint8 (N, K) in 0..15 and float32 scale,
+    zero (N, K // group) with w ~= (code - 8) * scale + zero."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15.0).clamp_min(1e-12)
+    codes = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8)
+    return codes.reshape(n, k), scale, lo + 8.0 * scale
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int4pack (N, K // 2) uint8 from codes (N, K), packed 64-row block by block.
+
+    The CPU packer wants int32 input (4x the final size); chunking keeps that temporary
+    small for a 150k-row output head. Rows pack in independent 64-row blocks, so chunked
+    packing equals packing the whole (tests check it).
+    """
+    parts = []
+    for start in range(0, codes.shape[0], CHUNK_ROWS):
+        chunk = codes[start : start + CHUNK_ROWS].to(torch.int32).contiguous()
+        parts.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(chunk, 1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+# ---------------------------------------------------------------------------------------
+# Segments: one kernel call each; a layer is a row-wise concatenation of segments
+
+
+class _Int4:
+    scheme = Scheme.INT4
+
+    def __init__(self, packed: torch.Tensor, scale_zero: torch.Tensor, group: int) -> None:
+        self.packed, self.scale_zero, self.group = packed, scale_zero, group
+        self.out_features = scale_zero.shape[1]
+        self.dtype = KERNEL_DTYPE
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, self.packed, self.group, self.scale_zero
+        )
+
+    def dense(self) -> torch.Tensor:
+        """The weight this segment multiplies by (float32), for checks and fallbacks."""
+        k = self.scale_zero.shape[0] * self.group
+        # float32 in and out: the kernel then reproduces the bf16 scales/zeros exactly.
+        eye = torch.eye(k)
+        sz = self.scale_zero.float()
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, sz).T
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.packed, self.scale_zero)
+
+
+class _Int8:
+    scheme = Scheme.INT8
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
+        self.weight, self.scales = weight, scales
+        self.out_features = weight.shape[0]
+        self.dtype = KERNEL_DTYPE
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
+
+    def dense(self) -> torch.Tensor:
+        return self.weight.float() * self.scales.float()[:, None]
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.weight, self.scales)
+
+
+class _Dense:
+    scheme = Scheme.DENSE
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+        self.out_features = weight.shape[0]
+        self.dtype = weight.dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def dense(self) -> torch.Tensor:
+        return self.weight.float()
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.weight)
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class GGUFPart:
+    """Rows of one GGUF tensor that become rows of a (possibly fused) linear layer.
+
+    `raw` is what `GGUFFile.raw(name)` returns: uint8 (rows, bytes_per_row) for quantized
+    types, typed (rows, cols) for float types. `row_order` reorders rows (llama's q/k
+    un-permutation) — exact on quantized data, since GGUF blocks never span rows.
+    """
+
+    ggml_type: GGMLQuantizationType
+    raw: np.ndarray
+    shape: tuple[int, int]
+    row_order: np.ndarray | None = None
+    name: str = ""
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        idx = slice(start, stop) if self.row_order is None else self.row_order[start:stop]
+        return np.asarray(self.raw[idx])
+
+
+@dataclass
+class _Plan:
+    scheme: Scheme
+    parts: list[GGUFPart] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(p.shape[0] for p in self.parts)
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T + b with W held as int4pack / int8 / dense row segments.
+
+    Fused layers (q|k|v, gate|up) may mix GGUF types; adjacent parts with the same scheme
+    share one segment (one kernel call). Inputs of any leading shape and dtype: rows are
+    flattened (prefill chunks and batched decode are just M > 1), cast to the kernel
+    dtype, and the output comes back in the input dtype.
+    """
+
+    def __init__(
+        self, segments: Sequence[_Int4 | _Int8 | _Dense], in_features: int, bias: bool
+    ) -> None:
+        super().__init__()
+        self.segments = list(segments)
+        self.in_features = in_features
+        self.out_features = sum(s.out_features for s in self.segments)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    # -- construction ------------------------------------------------------------------
+
+    @classmethod
+    def from_gguf(
+        cls,
+        ggml_type: GGMLQuantizationType,
+        raw: np.ndarray,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        *,
+        device: torch.device | str = "cpu",
+        bias: bool = False,
+        policy: QuantPolicy | None = None,
+    ) -> QuantLinear:
+        """One GGUF weight (numpy order: shape = (out, in)) as a layer."""
+        part = GGUFPart(GGMLQuantizationType(ggml_type), raw, (int(shape[0]), int(shape[1])))
+        return cls.from_gguf_parts([part], dtype, device=device, bias=bias, policy=policy)
+
+    @classmethod
+    def from_gguf_parts(
+        cls,
+        parts: Sequence[GGUFPart],
+        dtype: torch.dtype,
+        *,
+        device: torch.device | str = "cpu",
+        bias: bool = False,
+        policy: QuantPolicy | None = None,
+    ) -> QuantLinear:
+        """A layer whose rows are the parts' rows in order (fused projections)."""
+        policy = policy or QuantPolicy()
+        device = torch.device(device)
+        cols = {p.shape[1] for p in parts}
+        if len(cols) != 1:
+            raise ValueError(f"fused parts disagree on input features: {sorted(cols)}")
+        k = cols.pop()
+        kernels = device.type == "cpu" and cpu_kernels_available() and k % GGUF_GROUP == 0
+        plans: list[_Plan] = []
+        for p in parts:
+            scheme = policy.scheme_for(p.ggml_type) if kernels else Scheme.DENSE
+            if plans and plans[-1].scheme == scheme:
+                plans[-1].parts.append(p)
+            else:
+                plans.append(_Plan(scheme, [p]))
+        segments = []
+        for plan in plans:
+            if plan.scheme == Scheme.INT4 and plan.rows % 16:
+                plan.scheme = policy.requant if policy.requant != Scheme.INT4 else Scheme.DENSE
+            segments.append(_build_segment(plan, k, dtype, device))
+        layer = cls(segments, k, bias)
+        return layer.to(device=device, dtype=dtype) if bias else layer
+
+    @classmethod
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        scheme: Scheme,
+        *,
+        group_size: int = GGUF_GROUP,
+        bias: torch.Tensor | None = None,
+    ) -> QuantLinear:
+        """Quantize a float weight (out, in) — e.g. a SafeTensors model served with int8."""
+        n, k = weight.shape
+        if weight.device.type != "cpu" or not cpu_kernels_available() or k % 32:
+            scheme = Scheme.DENSE
+        if scheme == Scheme.INT4 and (n % 16 or k % group_size):
+            scheme = Scheme.INT8
+        if scheme == Scheme.INT4:
+            codes, scale, zero = int4_groups(weight, group_size)
+            seg: _Int4 | _Int8 | _Dense = _Int4(
+                pack_int4(codes), _scale_zero(scale, zero), group_size
+            )
+        elif scheme == Scheme.INT8:
+            q, s = int8_rows(weight)
+            seg = _Int8(q, s.to(KERNEL_DTYPE))
+        else:
+            seg = _Dense(weight.detach().clone())
+        layer = cls([seg], k, bias is not None)
+        if bias is not None:
+            layer.bias.data = bias.detach().clone()
+        return layer
+
+    # -- use ---------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        cast: dict[torch.dtype, torch.Tensor] = {}
+        outs = []
+        for seg in self.segments:
+            xs = cast.get(seg.dtype)
+            if xs is None:
+                xs = cast[seg.dtype] = x2.to(seg.dtype).contiguous()
+            outs.append(seg(xs).to(x.dtype))
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight (out, in) this layer computes with (tests, fallbacks)."""
+        return torch.cat([s.dense() for s in self.segments])
+
+    @property
+    def schemes(self) -> list[str]:
+        return [s.scheme.value for s in self.segments]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.segments)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, schemes={self.schemes}"
+        )
+
+
+def _scale_zero(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(N, groups) scale and zero -> the kernel's (groups, N, 2) tensor in bf16."""
+    return torch.stack([scale.T, zero.T], dim=-1).to(KERNEL_DTYPE).contiguous()
+
+
+def _build_segment(
+    plan: _Plan, k: int, dtype: torch.dtype, device: torch.device
+) -> _Int4 | _Int8 | _Dense:
+    """Convert a run of parts chunk by chunk into one segment."""
+    n = plan.rows
+    if plan.scheme == Scheme.INT4:
+        codes = torch.empty(n, k, dtype=torch.uint8)
+        scale = torch.empty(n, k // GGUF_GROUP)
+        zero = torch.empty(n, k // GGUF_GROUP)
+        for row, part, start, stop in _chunks(plan.parts):
+            raw = part.rows(start, stop)
+            rows = stop - start
+            if part.ggml_type in EXACT_INT4_TYPES:
+                c, s, z = (torch.from_numpy(a) for a in int4_codes(part.ggml_type, raw, rows, k))
+            else:
+                w = torch.from_numpy(dequantize_rows(part.ggml_type, raw, k))
+                c, s, z = int4_groups(w, GGUF_GROUP)
+            codes[row : row + rows], scale[row : row + rows], zero[row : row + rows] = c, s, z
+        return _Int4(pack_int4(codes), _scale_zero(scale, zero), GGUF_GROUP)
+    if plan.scheme == Scheme.INT8:
+        q8 = torch.empty(n, k, dtype=torch.int8)
+        s8 = torch.empty(n)
+        for row, part, start, stop in _chunks(plan.parts):
+            w = torch.from_numpy(dequantize_rows(part.ggml_type, part.rows(start, stop), k))
+            q8[row : row + stop - start], s8[row : row + stop - start] = int8_rows(w)
+        return _Int8(q8, s8.to(KERNEL_DTYPE))
+    weight = torch.empty(n, k, dtype=dtype, device=device)
+    for row, part, start, stop in _chunks(plan.parts):
+        w = torch.from_numpy(dequantize_rows(part.ggml_type, part.rows(start, stop), k))
+        weight[row : row + stop - start] = w.to(device=device, dtype=dtype)
+    return _Dense(weight)
+
+
+def _chunks(parts: Sequence[GGUFPart]):
+    """(output row, part, part row start, part row stop) in CHUNK_ROWS pieces."""
+    row = 0
+    for part in parts:
+        for start in range(0, part.shape[0], CHUNK_ROWS):
+            stop = min(start + CHUNK_ROWS, part.shape[0])
+            yield row, part, start, stop
+            row += stop - start
+
+
+class QuantEmbedding(nn.Module):
+    """Token embedding read from the GGUF bytes, dequantizing only the rows looked up.
+
+    The table is the largest tensor of a small model (Qwen2.5-0.5B: 151936 x 896, 272 MB
+    in bf16); it stays in the page cache as the file's mmap and costs RSS only for the
+    rows actually used, while a lookup dequantizes a few rows (microseconds).
+    """
+
+    def __init__(
+        self,
+        ggml_type: GGMLQuantizationType,
+        raw: np.ndarray,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.ggml_type = GGMLQuantizationType(ggml_type)
+        self.raw = raw
+        self.num_embeddings, self.embedding_dim = int(shape[0]), int(shape[1])
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        flat = tokens.reshape(-1).cpu().numpy()
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        rows = dequantize_rows(self.ggml_type, self.raw[uniq], self.embedding_dim)
+        out = torch.from_numpy(rows)[torch.from_numpy(inverse.reshape(-1))]
+        out = out.to(device=self.device, dtype=self.dtype)
+        return out.reshape(*tokens.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, gguf={self.ggml_type.name}"
+
+
+# ---------------------------------------------------------------------------------------
+# Whole-model integration for the engine's Transformer + GGUF loader
+
+
+@dataclass
+class QuantReport:
+    """What `quantize_gguf_model` did: GGUF tensors it consumed and the bytes it holds."""
+
+    consumed: set[str] = field(default_factory=set)
+    layers: dict[str, list[str]] = field(default_factory=dict)  # module -> schemes
+    nbytes: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for schemes in self.layers.values():
+            for s in schemes:
+                counts[s] = counts.get(s, 0) + 1
+        return {"layers": len(self.layers), "segments": counts, "bytes": self.nbytes}
+
+
+def quantize_gguf_model(
+    model: nn.Module,
+    gguf: Any,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    policy: QuantPolicy | None = None,
+    permuted: bool = False,
+    quantize_embedding: bool = True,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> QuantReport:
+    """Swap the model's 2-D projection layers for QuantLinear built from GGUF bytes.
+
+    Call on the Transformer *before* `materialize()` (modules still on meta): the swapped
+    layers never exist densely, so peak memory stays near the quantized size. Afterwards
+    load the remaining tensors as usual, skipping `report.consumed`. Biases of swapped
+    layers remain parameters named as before (`...wqkv.bias`) for the loader to fill.
+    `permuted=True` undoes llama.cpp's q/k row permutation (llama/mistral files).
+    """
+    from modeldeploy.server.engine.weights import _part_rows, gguf_target, unpermute_qk
+
+    policy = policy or QuantPolicy()
+    report = QuantReport()
+    spec = model.spec
+    by_module: dict[str, list[tuple[int, GGUFPart]]] = {}
+    for info in gguf.tensors:
+        target = gguf_target(info.name)
+        if target is None or target.expert is not None or len(info.shape) != 2:
+            continue
+        if not target.param.endswith(".weight") or target.param == "embed.weight":
+            continue
+        module_name = target.param.removesuffix(".weight")
+        module = model.get_submodule(module_name)
+        if not isinstance(module, nn.Linear):
+            continue  # MoE expert stacks and routers stay dense
+        n = int(info.shape[0])
+        order = None
+        if permuted and target.part in ("q", "k"):
+            heads = spec.num_heads if target.part == "q" else spec.num_kv_heads
+            order = unpermute_qk(torch.arange(n)[:, None], heads)[:, 0].numpy()
+        span = _part_rows(model, target.param, target.part)
+        offset = span[0] if span else 0
+        part = GGUFPart(
+            info.ggml_type, gguf.raw(info.name), (n, int(info.shape[1])), order, info.name
+        )
+        by_module.setdefault(module_name, []).append((offset, part))
+
+    tie = "lm_head" not in by_module and getattr(spec, "tie_word_embeddings", False)
+    embed_info = next((t for t in gguf.tensors if t.name == "token_embd.weight"), None)
+    if tie and embed_info is not None:
+        part = GGUFPart(
+            embed_info.ggml_type,
+            gguf.raw(embed_info.name),
+            (int(embed_info.shape[0]), int(embed_info.shape[1])),
+            None,
+            embed_info.name,
+        )
+        by_module["lm_head"] = [(0, part)]
+
+    total = len(by_module)
+    for done, (module_name, parts) in enumerate(by_module.items(), 1):
+        module = model.get_submodule(module_name)
+        parts.sort(key=lambda op: op[0])
+        rows = sum(p.shape[0] for _, p in parts)
+        if rows != module.out_features:
+            continue  # partial checkpoint: let the normal loader report it
+        layer = QuantLinear.from_gguf_parts(
+            [p for _, p in parts],
+            dtype,
+            device=device,
+            bias=module.bias is not None,
+            policy=policy,
+        )
+        if module.bias is not None:  # stays where the model's parameters are (meta: unfilled)
+            layer.bias = nn.Parameter(torch.empty_like(module.bias), requires_grad=False)
+        parent, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        report.consumed.update(p.name for _, p in parts if p.name != "token_embd.weight")
+        report.layers[module_name] = layer.schemes
+        report.nbytes += layer.nbytes
+        if progress:
+            progress(done, total, "quantized layers")
+
+    if quantize_embedding and embed_info is not None and isinstance(model.embed, nn.Embedding):
+        model.embed = QuantEmbedding(
+            embed_info.ggml_type,
+            gguf.raw(embed_info.name),
+            (int(embed_info.shape[0]), int(embed_info.shape[1])),
+            dtype,
+            device,
+        )
+        report.consumed.add(embed_info.name)
+    log.info("quantized GGUF linears: %s", report.summary())
+    return report

@@ -1,0 +1,208 @@
+"""Quantized linear layers built from GGUF blocks, against gguf-py's dequantizers.
+
+Tolerances: the exact int4 conversions (Q4_0/Q4_1/Q4_K) must reproduce gguf-py's float32
+weights to float32 rounding (rtol 1e-6) before bf16; inside the kernel the per-group
+scale/zero are bf16, so the weight a layer multiplies by may differ by 2^-8 of the
+tensor's largest weight. Layer outputs (bf16 activations in, bf16 out) must be within
+2 % of the largest output of F.linear on the reference weights; int8 requantization of
+Q8_0/Q5_0 adds at most half a per-row step, checked at 3 %.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gguf_quants
+from modeldeploy.server.engine import quant
+from modeldeploy.server.engine.quant import (
+    GGUFPart,
+    QuantEmbedding,
+    QuantLinear,
+    QuantPolicy,
+    QuantPolicyError,
+    Scheme,
+)
+
+Q = GGMLQuantizationType
+
+pytestmark = pytest.mark.skipif(
+    not quant.cpu_kernels_available(), reason="torch build lacks the CPU int4/int8 kernels"
+)
+
+
+def random_blocks(qtype: GGMLQuantizationType, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random GGUF bytes (rows, bytes_per_row): gguf-py's quantizer where it has one,
+    else hand-built Q4_K super-blocks (random f16 d/dmin, 6-bit scales/mins, nibbles)."""
+    rng = np.random.default_rng(seed)
+    if qtype != Q.Q4_K:
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        w *= rng.uniform(0.1, 2.0, size=(rows, 1)).astype(np.float32)
+        return gguf_quants.quantize(w, qtype)
+    size = GGML_QUANT_SIZES[Q.Q4_K][1]
+    n = rows * cols // 256
+    blocks = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
+    d = rng.uniform(0.001, 0.05, size=n).astype(np.float16)
+    dmin = rng.uniform(0.0, 0.05, size=n).astype(np.float16)
+    blocks[:, 0:2] = d.view(np.uint8).reshape(n, 2)
+    blocks[:, 2:4] = dmin.view(np.uint8).reshape(n, 2)
+    return blocks.reshape(rows, cols // 256 * size)
+
+
+def reference(qtype: GGMLQuantizationType, raw: np.ndarray, cols: int) -> torch.Tensor:
+    return torch.from_numpy(gguf_quants.dequantize(raw, qtype).reshape(-1, cols).copy())
+
+
+def assert_close_to_linear(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rel: float):
+    ref = F.linear(x.to(torch.bfloat16).float(), w)
+    err = (y.float() - ref).abs().max().item()
+    assert err <= rel * ref.abs().max().item(), (err, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
+def test_int4_codes_reproduce_gguf_dequantization_exactly(qtype):
+    rows, cols = 48, 512
+    raw = random_blocks(qtype, rows, cols)
+    codes, scale, zero = quant.int4_codes(qtype, raw, rows, cols)
+    assert codes.min() >= 0 and codes.max() <= 15
+    w = (codes.reshape(rows, -1, 32).astype(np.float32) - 8) * scale[..., None] + zero[..., None]
+    np.testing.assert_allclose(
+        w.reshape(rows, cols), reference(qtype, raw, cols), rtol=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
+def test_exact_int4_layer_matches_dequantized_linear(qtype):
+    rows, cols = 80, 512  # 80 = one full 64-row packing block + a 16-row tail
+    raw = random_blocks(qtype, rows, cols, seed=1)
+    layer = QuantLinear.from_gguf(qtype, raw, (rows, cols), torch.bfloat16)
+    assert layer.schemes == ["int4"]
+    w = reference(qtype, raw, cols)
+    assert (layer.dequantized() - w).abs().max() <= 2**-8 * w.abs().max()
+    x = torch.randn(5, cols)
+    assert_close_to_linear(layer(x), x, w, rel=0.02)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0])
+def test_requantized_int8_layer_matches_dequantized_linear(qtype):
+    rows, cols = 96, 256
+    raw = random_blocks(qtype, rows, cols, seed=2)
+    layer = QuantLinear.from_gguf(qtype, raw, (rows, cols), torch.float32)
+    assert layer.schemes == ["int8"]
+    w = reference(qtype, raw, cols)
+    step = w.abs().amax(dim=1, keepdim=True) / 127
+    assert ((layer.dequantized() - w).abs() <= step * 0.51 + 2**-8 * w.abs()).all()
+    x = torch.randn(3, cols)
+    y = layer(x)
+    assert y.dtype == torch.float32
+    assert_close_to_linear(y, x, w, rel=0.03)
+
+
+def test_int4_policy_requantizes_q8_0_within_a_group_step():
+    rows, cols = 32, 256
+    raw = random_blocks(Q.Q8_0, rows, cols, seed=3)
+    layer = QuantLinear.from_gguf(
+        Q.Q8_0, raw, (rows, cols), torch.bfloat16, policy=QuantPolicy.parse("int4")
+    )
+    assert layer.schemes == ["int4"]
+    w = reference(Q.Q8_0, raw, cols).reshape(rows, -1, 32)
+    step = (w.amax(-1) - w.amin(-1)) / 15
+    err = (layer.dequantized().reshape(rows, -1, 32) - w).abs().amax(-1)
+    assert (err <= step * 0.5 + 2**-7 * w.abs().amax(-1)).all()
+
+
+def test_batched_and_3d_inputs_match_row_by_row():
+    rows, cols = 64, 256
+    layer = QuantLinear.from_gguf(
+        Q.Q4_0, random_blocks(Q.Q4_0, rows, cols), (rows, cols), torch.bfloat16
+    )
+    x = torch.randn(2, 7, cols, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.shape == (2, 7, rows) and y.dtype == torch.bfloat16
+    single = torch.stack(
+        [torch.stack([layer(x[b, t][None])[0] for t in range(7)]) for b in range(2)]
+    )
+    torch.testing.assert_close(y.float(), single.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_fused_parts_of_mixed_types_keep_row_order_and_bias():
+    cols = 256
+    specs = [(Q.Q4_0, 64), (Q.Q4_K, 32), (Q.Q8_0, 32)]
+    parts, refs = [], []
+    for i, (qtype, rows) in enumerate(specs):
+        raw = random_blocks(qtype, rows, cols, seed=10 + i)
+        parts.append(GGUFPart(qtype, raw, (rows, cols)))
+        refs.append(reference(qtype, raw, cols))
+    layer = QuantLinear.from_gguf_parts(parts, torch.float32, bias=True)
+    assert layer.schemes == ["int4", "int8"]  # Q4_0 and Q4_K share one int4 segment
+    layer.bias.data = torch.randn(128)
+    x = torch.randn(4, cols)
+    w = torch.cat(refs)
+    ref = F.linear(x.to(torch.bfloat16).float(), w, layer.bias)
+    assert (layer(x) - ref).abs().max() <= 0.03 * ref.abs().max()
+
+
+def test_row_order_reorders_quantized_rows_exactly():
+    rows, cols = 32, 64
+    raw = random_blocks(Q.Q8_0, rows, cols, seed=4)
+    order = np.random.default_rng(0).permutation(rows)
+    part = GGUFPart(Q.Q8_0, raw, (rows, cols), row_order=order)
+    layer = QuantLinear.from_gguf_parts([part], torch.float32, policy=QuantPolicy.parse("dense"))
+    torch.testing.assert_close(layer.dequantized(), reference(Q.Q8_0, raw, cols)[order])
+
+
+def test_dense_fallback_without_kernels_is_exact(monkeypatch):
+    monkeypatch.setattr(quant, "cpu_kernels_available", lambda: False)
+    rows, cols = 40, 64  # also not a multiple of 16 rows
+    raw = random_blocks(Q.Q4_0, rows, cols)
+    layer = QuantLinear.from_gguf(Q.Q4_0, raw, (rows, cols), torch.float32)
+    assert layer.schemes == ["dense"]
+    x = torch.randn(3, cols)
+    torch.testing.assert_close(layer(x), F.linear(x, reference(Q.Q4_0, raw, cols)))
+
+
+def test_int4_rows_not_multiple_of_16_fall_back_to_int8():
+    rows, cols = 40, 64
+    layer = QuantLinear.from_gguf(
+        Q.Q4_0, random_blocks(Q.Q4_0, rows, cols), (rows, cols), torch.bfloat16
+    )
+    assert layer.schemes == ["int8"]
+
+
+def test_chunked_packing_equals_whole_packing(monkeypatch):
+    codes = torch.randint(0, 16, (80, 128), dtype=torch.uint8)
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    monkeypatch.setattr(quant, "CHUNK_ROWS", 64)
+    torch.testing.assert_close(quant.pack_int4(codes), whole)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_from_float_group_sizes(group):
+    w = torch.randn(64, 512)
+    layer = QuantLinear.from_float(w, Scheme.INT4, group_size=group)
+    assert layer.schemes == ["int4"]
+    x = torch.randn(2, 512)
+    assert_close_to_linear(layer(x), x, w, rel=0.2 if group > 32 else 0.15)
+    assert (layer.dequantized() - w).abs().max() < 0.5 * w.abs().max() / 7
+
+
+def test_embedding_dequantizes_only_looked_up_rows():
+    rows, cols = 50, 64
+    raw = random_blocks(Q.Q5_0, rows, cols, seed=5)
+    emb = QuantEmbedding(Q.Q5_0, raw, (rows, cols), torch.float32)
+    tokens = torch.tensor([[3, 7, 3], [49, 0, 7]])
+    out = emb(tokens)
+    assert out.shape == (2, 3, cols)
+    torch.testing.assert_close(out, reference(Q.Q5_0, raw, cols)[tokens])
+
+
+def test_policy_names():
+    assert QuantPolicy.parse(None).scheme_for(Q.Q5_0) == Scheme.INT8
+    assert QuantPolicy.parse("auto").scheme_for(Q.Q4_K) == Scheme.INT4
+    assert QuantPolicy.parse("int4").scheme_for(Q.Q6_K) == Scheme.INT4
+    assert QuantPolicy.parse("dense").scheme_for(Q.Q4_0) == Scheme.DENSE
+    assert QuantPolicy.parse("int8").scheme_for(Q.F16) == Scheme.DENSE
+    with pytest.raises(QuantPolicyError, match="quant policy 'fp8'"):
+        QuantPolicy.parse("fp8")
