@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     text_ids = tok.encode(TEXT)
     prompt_ids = [tok.encode(p) for p in PROMPTS]
 
-    ref_model, spec, _, ref_load = build(args.model, "ref", torch.float32)
+    ref_model, spec, _, _ = build(args.model, "ref", torch.float32)
     ref_logits = logits_for(ref_model, spec, text_ids, torch.float32)
     ref_greedy = [greedy(ref_model, spec, p, args.new_tokens, torch.float32)[0] for p in prompt_ids]
     del ref_model
@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         for p, ref_out in zip(prompt_ids, ref_greedy, strict=True):
             out, st = greedy(model, spec, p, args.new_tokens, dtype)
             steps += st[2:]
-            n = next((i for i, (a, b) in enumerate(zip(out, ref_out)) if a != b), len(out))
+            n = next(
+                (i for i, (a, b) in enumerate(zip(out, ref_out, strict=True)) if a != b), len(out)
+            )
             same_prefix.append(n)
         pre = prefill_seconds(model, spec, args.prefill, dtype)
         row = {

@@ -22,6 +22,10 @@ SERVER_CONTAINER = "server"
 MODELS_VOLUME = "models"
 TMP_VOLUME = "tmp"
 SOURCE_VOLUME = "source"
+API_KEYS_VOLUME = "api-keys"
+#: Where the server container sees the API keys Secret (read-only).
+API_KEYS_DIR = "/etc/modeldeploy/auth"
+API_KEYS_FILE = f"{API_KEYS_DIR}/api-keys"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 #: The pods run as the images' non-root user (Dockerfile.server); fsGroup makes the
@@ -132,6 +136,17 @@ def _volumes(spec: ModelDeploymentSpec) -> list[dict[str, Any]]:
                 "persistentVolumeClaim": {"claimName": spec.source.claim, "readOnly": True},
             }
         )
+    if spec.server.api_keys is not None:
+        volumes.append(
+            {
+                "name": API_KEYS_VOLUME,
+                "secret": {
+                    "secretName": spec.server.api_keys.name,
+                    "items": [{"key": spec.server.api_keys.key, "path": "api-keys"}],
+                    "defaultMode": 0o440,
+                },
+            }
+        )
     return volumes
 
 
@@ -230,8 +245,12 @@ def _server_container(spec: ModelDeploymentSpec) -> dict[str, Any]:
         str(server.max_prompt_tokens),
         "--drain-timeout",
         str(server.drain_timeout_seconds),
-        *server.extra_args,
     ]
+    mounts = _mounts(spec)
+    if server.api_keys is not None:
+        args += ["--api-key-file", API_KEYS_FILE]
+        mounts.append({"name": API_KEYS_VOLUME, "mountPath": API_KEYS_DIR, "readOnly": True})
+    args += server.extra_args
     container: dict[str, Any] = {
         "name": SERVER_CONTAINER,
         "image": spec.image,
@@ -239,7 +258,7 @@ def _server_container(spec: ModelDeploymentSpec) -> dict[str, Any]:
         "args": args,
         "ports": [{"name": contract.PORT_NAME, "containerPort": server.port, "protocol": "TCP"}],
         "env": _env(spec),
-        "volumeMounts": _mounts(spec),
+        "volumeMounts": mounts,
         "startupProbe": _probe(
             contract.READY_PATH, STARTUP_PERIOD_SECONDS, startup_failure_threshold(spec)
         ),

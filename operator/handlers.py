@@ -34,7 +34,6 @@ from modeldeploy.operator.builders import (
 )
 from modeldeploy.operator.children import apply
 from modeldeploy.operator.kubeapi import (
-    DEPLOYMENTS,
     PODS,
     ApiError,
     KubeApi,
@@ -46,6 +45,7 @@ from modeldeploy.operator.spec import GROUP, PLURAL, VERSION, SpecError, parse_s
 from modeldeploy.operator.status import (
     DEGRADED,
     FAILED,
+    PHASES,
     build_status,
     failed_status,
     observe,
@@ -54,7 +54,7 @@ from modeldeploy.operator.status import (
 
 log = logging.getLogger("modeldeploy.operator")
 
-MODELDEPLOYMENTS = ResourceRef(GROUP, VERSION, PLURAL)
+MD_RESOURCE = ResourceRef(GROUP, VERSION, PLURAL)
 #: Default seconds between level-based re-reconciles of every ModelDeployment.
 DEFAULT_INTERVAL = 30.0
 #: Seconds between re-checks of whether the PodMonitor CRD exists.
@@ -89,7 +89,7 @@ class OperatorContext:
             else:
                 self._phases[key] = phase
             counts = Counter(self._phases.values())
-        for known in ("Pending", "Harvesting", "Loading", "Ready", "Degraded", "Failed"):
+        for known in PHASES:
             metrics.MODELDEPLOYMENTS.labels(phase=known).set(counts.get(known, 0))
 
     def first_podmonitor_warning(self, key: tuple[str, str]) -> bool:
@@ -127,7 +127,7 @@ def _write_status(
         return None
     patch = {**{k: None for k in old if k not in new}, **new}
     meta = body["metadata"]
-    path = MODELDEPLOYMENTS.path(meta["namespace"], meta["name"], "status")
+    path = MD_RESOURCE.path(meta["namespace"], meta["name"], "status")
     return api.merge_patch(path, {"status": patch})
 
 
@@ -160,7 +160,7 @@ def _reconcile_locked(
     ctx: OperatorContext, api: KubeApi, namespace: str, name: str
 ) -> tuple[str | None, str]:
     """The reconcile proper; returns (phase, result label for the metrics)."""
-    body = api.get_or_none(MODELDEPLOYMENTS.path(namespace, name))
+    body = api.get_or_none(MD_RESOURCE.path(namespace, name))
     if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
         return None, "success"  # deleted: ownerReferences take the children with it
     meta = body["metadata"]
@@ -172,9 +172,9 @@ def _reconcile_locked(
         status = failed_status(name, meta.get("generation"), str(exc), _now())
         _write_status(api, body, status)
         _phase_changed(ctx, body, old_status, status)
-        return status["phase"], "invalid"
+        return status["phase"], "error"
 
-    deployment = None
+    deployment: dict[str, Any] | None = None
     for child in build_children(spec):
         if child["kind"] == "PodMonitor" and not ctx.podmonitor_available():
             if ctx.first_podmonitor_warning((namespace, name)):
@@ -192,8 +192,6 @@ def _reconcile_locked(
         if child["kind"] == "Deployment":
             deployment = obj
     pods = api.get(PODS.path(namespace), labelSelector=labels.selector_string(name))
-    if deployment is None:
-        deployment = api.get_or_none(DEPLOYMENTS.path(namespace, name))
     observation = observe(spec, deployment, pods.get("items") or [])
     status = build_status(spec, observation, old_status, _now())
     _write_status(api, body, status)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 
 import kopf
 from modeldeploy.operator import handlers, metrics
 from modeldeploy.operator.spec import SERVER_IMAGE_ENV, default_server_image
+from modeldeploy.server import logs
 from modeldeploy.server.errors import UserInputError
 from prometheus_client import start_http_server
 
@@ -91,10 +91,7 @@ def run(args: argparse.Namespace) -> int:
         if args.metrics_port is not None
         else _env_int(METRICS_PORT_ENV, DEFAULT_METRICS_PORT)
     )
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure("DEBUG" if args.verbose else "INFO")  # JSON lines, like the server
     if metrics_port:
         start_http_server(metrics_port, registry=metrics.REGISTRY)
     ctx = handlers.OperatorContext(

@@ -46,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "storage": {"emptyDir": {}},
     "storage.create.accessModes": ["ReadWriteOnce"],
     "hfTokenSecretRef.key": "token",
+    "server.apiKeySecretRef.key": "api-keys",
     "startupTimeoutSeconds": 1800,
     "monitoring.podMonitor": False,
     "monitoring.interval": "30s",
@@ -75,6 +76,12 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class SecretKeyRef:
+    name: str
+    key: str = DEFAULTS["hfTokenSecretRef.key"]
+
+
+@dataclass(frozen=True)
 class ServerSpec:
     port: int = DEFAULTS["server.port"]
     max_concurrent: int = DEFAULTS["server.maxConcurrent"]
@@ -83,6 +90,7 @@ class ServerSpec:
     max_prompt_tokens: int = DEFAULTS["server.maxPromptTokens"]
     drain_timeout_seconds: int = DEFAULTS["server.drainTimeoutSeconds"]
     extra_args: tuple[str, ...] = ()
+    api_keys: SecretKeyRef | None = None
 
 
 @dataclass(frozen=True)
@@ -96,12 +104,6 @@ class StorageSpec:
     access_modes: tuple[str, ...] = tuple(DEFAULTS["storage.create.accessModes"])
     size_limit: str | None = None
     medium: str | None = None
-
-
-@dataclass(frozen=True)
-class SecretKeyRef:
-    name: str
-    key: str = DEFAULTS["hfTokenSecretRef.key"]
 
 
 @dataclass(frozen=True)
@@ -250,18 +252,12 @@ def parse_spec(body: Mapping[str, Any], *, default_image: str | None = None) -> 
             spec, "server.drainTimeoutSeconds", int, DEFAULTS["server.drainTimeoutSeconds"]
         ),
         extra_args=tuple(str(a) for a in _typed(spec, "server.extraArgs", list, [])),
+        api_keys=_secret_ref(spec, "server.apiKeySecretRef"),
     )
     if not 1024 <= server.port <= 65535:
         raise SpecError(f"spec.server.port: must be between 1024 and 65535, got {server.port}")
 
-    token_ref = _typed(spec, "hfTokenSecretRef", dict, None)
-    hf_token = None
-    if token_ref is not None:
-        if not token_ref.get("name"):
-            raise SpecError("spec.hfTokenSecretRef.name: required")
-        hf_token = SecretKeyRef(
-            name=token_ref["name"], key=token_ref.get("key") or DEFAULTS["hfTokenSecretRef.key"]
-        )
+    hf_token = _secret_ref(spec, "hfTokenSecretRef")
 
     result = ModelDeploymentSpec(
         name=name,
@@ -296,6 +292,15 @@ def parse_spec(body: Mapping[str, Any], *, default_image: str | None = None) -> 
     except UserInputError as exc:
         raise SpecError(f"spec.model: {exc}") from None
     return result
+
+
+def _secret_ref(spec: Mapping[str, Any], path: str) -> SecretKeyRef | None:
+    ref = _typed(spec, path, dict, None)
+    if ref is None:
+        return None
+    if not ref.get("name"):
+        raise SpecError(f"spec.{path}.name: required")
+    return SecretKeyRef(name=ref["name"], key=ref.get("key") or DEFAULTS[f"{path}.key"])
 
 
 def _parse_storage(spec: Mapping[str, Any]) -> StorageSpec:

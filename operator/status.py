@@ -17,6 +17,7 @@ from typing import Any
 from modeldeploy.operator import labels
 from modeldeploy.operator.builders import HARVEST_CONTAINER, SERVER_CONTAINER
 from modeldeploy.operator.spec import ModelDeploymentSpec
+from modeldeploy.server.cli import EXIT_BAD_INPUT
 
 PENDING = "Pending"
 HARVESTING = "Harvesting"
@@ -78,7 +79,9 @@ def _container_failure(status: Mapping[str, Any], label: str) -> _Failure | None
             detail = f"{detail} (exit code {last['exitCode']})"
         return _Failure(reason, _short(f"{label}: {detail}"))
     terminated = state.get("terminated")
-    if terminated and terminated.get("exitCode", 0) != 0:
+    if terminated and terminated.get("exitCode") == EXIT_BAD_INPUT:
+        # Exit 2 is `modeldeploy`'s "bad input" (no such model, unsupported file): a restart
+        # cannot fix it. Other exits (a kill, a crash) count once the kubelet backs off.
         reason = terminated.get("reason") or "Error"
         detail = (terminated.get("message") or "").strip() or (
             f"{reason} (exit code {terminated.get('exitCode')})"
@@ -186,7 +189,7 @@ def observe(
     generation = (deployment.get("metadata") or {}).get("generation")
     observed = dstatus.get("observedGeneration")
     rolling = (generation is not None and observed is not None and observed < generation) or (
-        replicas > 0 and updated < desired
+        "updatedReplicas" in dstatus and updated < desired
     )
     failures = [f for f in (pod_failure(p) for p in pods) if f is not None]
     failure = failures[0] if failures else _deployment_failure(deployment)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+import pytest
 import torch
 from modeldeploy.server.engine.engine import Engine, GenerationEvent
 from modeldeploy.server.engine.sampling import SamplingParams
@@ -52,3 +53,12 @@ def prompt_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
     cache = KVCache(engine.spec, 1, len(ids), engine.placement.dtype, engine.placement.device)
     with torch.inference_mode():
         return engine.model(torch.tensor([ids]), torch.arange(len(ids))[None], [0], cache)[0]
+
+
+def one_torch_thread():
+    """Generator for a module fixture: one torch thread for tiny-model tests. On a shared,
+    overloaded CPU a two-thread OpenMP team waits at every barrier for a descheduled peer
+    (35x slower steps measured here); the engine reads MODELDEPLOY_THREADS at load."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MODELDEPLOY_THREADS", "1")
+        yield

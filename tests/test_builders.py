@@ -271,6 +271,29 @@ def test_hf_token_reaches_both_containers() -> None:
         assert "HF_TOKEN" not in _env(_container(without, name))
 
 
+def test_api_keys_secret_is_mounted_for_the_server_only() -> None:
+    spec = _spec({"model": {"source": "hf://a/b"}, "server": {"apiKeySecretRef": {"name": "keys"}}})
+    assert {
+        "name": "api-keys",
+        "secret": {
+            "secretName": "keys",
+            "items": [{"key": "api-keys", "path": "api-keys"}],
+            "defaultMode": 0o440,
+        },
+    } in _pod(spec)["volumes"]
+    server, harvest = _container(spec, "server"), _container(spec, "harvest")
+    assert {"name": "api-keys", "mountPath": "/etc/modeldeploy/auth", "readOnly": True} in server[
+        "volumeMounts"
+    ]
+    assert "api-keys" not in [m["name"] for m in harvest["volumeMounts"]]
+    args = server["args"]
+    assert args[args.index("--api-key-file") + 1] == "/etc/modeldeploy/auth/api-keys"
+    assert (
+        "--api-key-file"
+        not in _container(_spec({"model": {"source": "hf://a/b"}}), "server")["args"]
+    )
+
+
 @pytest.mark.parametrize(
     ("spec", "limits"),
     [

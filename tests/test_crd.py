@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 from kube.cluster import MD, ApiStatusError, Cluster
@@ -60,6 +61,11 @@ def test_crd_identity_subresources_and_columns(crd) -> None:
     assert paths["Source"] == ".spec.model.source"
     assert paths["Ready"] == ".status.readyReplicas"
     assert paths["Phase"] == ".status.phase"
+
+
+def test_crd_is_a_valid_kubernetes_object() -> None:
+    raw = yaml.safe_load(MODELDEPLOYMENT_CRD.read_text())
+    kubernetes_validate.validate(raw, "1.35.0", strict=True)
 
 
 def test_every_field_is_documented_and_structural(crd) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from engine_helpers import collect, run
+from engine_helpers import collect, one_torch_thread, run
 from modeldeploy.server.engine.engine import Engine
 from modeldeploy.server.engine.errors import (
     InvalidSamplingParamsError,
@@ -26,6 +26,11 @@ PROMPTS = [
     "system: You are a helpful assistant.",
     "for i in range(10):\n    if i % 2 == 0:",
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import collect, hf_greedy, prompt_logits, run
+from engine_helpers import collect, hf_greedy, one_torch_thread, prompt_logits, run
 from modeldeploy.server.engine.engine import Engine
 
 ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]
@@ -19,6 +19,11 @@ PROMPT = "The quick brown fox jumps over the lazy dog. def add(a, b):\n    retur
 LOGIT_TOL = 1e-4
 
 transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    yield from one_torch_thread()
 
 
 def hf_from_gguf(path):
@@ -143,6 +148,48 @@ def test_config_variants_match_transformers(tiny_models, tmp_path, arch, config)
     engine = Engine.load(path, dtype="float32", device="cpu", max_concurrent=1, max_model_len=128)
     try:
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        _check(engine, hf)
+    finally:
+        engine.close()
+
+
+def test_qwen3_moe_matches_transformers(tiny_models, tmp_path) -> None:
+    """qwen3_moe has no tiny fixture: transformers builds a random one (hub layout, experts
+    stored one by one), with the tiny qwen3 tokenizer beside it."""
+    import json
+    import shutil
+
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=448,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() > 1:  # the default init is so small that every logit is ~0
+                p.normal_(0.0, 0.3)
+    out = tmp_path / "tiny-qwen3-moe"
+    hf.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    config.setdefault("num_experts", 8)  # hub spelling (transformers 5 writes num_local_experts)
+    (out / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_models.hf("qwen3") / name, out / name)
+    engine = Engine.load(out, dtype="float32", device="cpu", max_concurrent=1, max_model_len=128)
+    try:
+        assert engine.spec.num_experts == 8
         _check(engine, hf)
     finally:
         engine.close()

@@ -192,7 +192,7 @@ BAD_INPUT = [
      {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role", None),
     ("image part", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-     400, "only text parts", None),
+     400, "messages[0].content[0].type: Input should be 'text'", None),
     ("n above 1", "/v1/chat/completions", {"messages": MESSAGES, "n": 3}, 400, "n:", "n"),
     ("unknown model", "/v1/chat/completions",
      {"model": "gpt-9", "messages": MESSAGES}, 404, "'gpt-9' does not exist", "model"),

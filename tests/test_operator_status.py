@@ -96,6 +96,26 @@ def test_crash_loop_without_termination_message_names_the_exit_code() -> None:
     assert "exit code 1" in obs.message
 
 
+def test_bad_input_exit_is_failed_at_once() -> None:
+    """Exit 2 is modeldeploy's "bad input": restarting cannot fix it."""
+    _, obs = _observe(1, 0, pods.server_exited(2, "model.gguf: unsupported architecture 'rwkv'"))
+    assert (obs.phase, obs.reason) == ("Failed", "Error")
+    assert obs.message == "server: model.gguf: unsupported architecture 'rwkv'"
+    _, obs = _observe(1, 0, pods.harvest_exited(2, "hf://x/y: repository not found"))
+    assert (obs.phase, obs.reason) == ("Failed", "HarvestFailed")
+    assert obs.message == "harvest: hf://x/y: repository not found"
+
+
+def test_a_single_kill_is_not_a_failure() -> None:
+    """SIGKILL (137) or a crash: the kubelet restarts the container; only a back-off fails."""
+    _, obs = _observe(1, 0, pods.server_exited(137))
+    assert obs.phase == "Loading"
+    _, obs = _observe(2, 1, pods.ready(), pods.server_exited(137))
+    assert (obs.phase, obs.message) == ("Degraded", "1/2 replicas ready")
+    _, obs = _observe(1, 0, pods.harvest_exited(1, "connection reset"))
+    assert obs.phase != "Failed"
+
+
 def test_image_pull_backoff_is_failed() -> None:
     _, obs = _observe(1, 0, pods.image_pull_backoff("registry.test/nope:1"))
     assert (obs.phase, obs.reason) == ("Failed", "ImagePullBackOff")
@@ -134,6 +154,18 @@ def test_terminating_pods_are_ignored() -> None:
     fresh = pods.pod_for(deployment, 1)
     fresh["status"] = pods.loading()
     assert status.observe(spec, deployment, [dying, fresh]).phase == "Loading"
+
+
+def test_ready_pods_count_before_the_deployment_status_catches_up() -> None:
+    spec = _spec(2)
+    deployment = builders.build_deployment(spec)
+    items = []
+    for index in range(2):
+        pod = pods.pod_for(deployment, index)
+        pod["status"] = pods.ready()
+        items.append(pod)
+    obs = status.observe(spec, deployment, items)
+    assert (obs.phase, obs.replicas, obs.ready_replicas, obs.rolling) == ("Ready", 2, 2, False)
 
 
 def test_scaled_to_zero() -> None:

@@ -643,7 +643,7 @@ def _templates_from_json(path: Path, text: str, *, key_required: bool) -> Any:
     """The template(s) in a JSON file: {"chat_template": str | [{"name", "template"}]}."""
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: also the int-digit limit
         raise ChatTemplateError(f"chat template file {path}: not valid JSON ({exc})") from exc
     if isinstance(data, dict) and "chat_template" in data:
         value = data["chat_template"]

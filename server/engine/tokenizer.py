@@ -262,7 +262,7 @@ def _read_json(model_dir: Path | None, name: str) -> dict:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: also the int-digit limit
         raise FormatError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a JSON object")

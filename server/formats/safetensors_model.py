@@ -79,7 +79,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise FormatError(f"{path}: is a directory, not a SafeTensors file") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # also Python's int-digit limit, which is no JSONDecodeError
         raise FormatError(f"{path}: SafeTensors header is not valid JSON ({exc})") from None
     except RecursionError:
         raise FormatError(f"{path}: SafeTensors header JSON is nested too deeply") from None
@@ -138,7 +138,7 @@ def _read_json(path: Path, what: str, limit: int = MAX_INDEX_BYTES) -> Any:
         return json.loads(path.read_bytes())
     except FileNotFoundError:
         raise FormatError(f"{path}: no such file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # also Python's int-digit limit, which is no JSONDecodeError
         raise FormatError(f"{path}: {what} is not valid JSON ({exc})") from None
     except RecursionError:
         raise FormatError(f"{path}: {what} JSON is nested too deeply") from None

@@ -93,7 +93,8 @@ _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "
 
 
 def _is_type_tag(part: str) -> bool:
-    return part in _TYPE_TAGS or "[" in part or "(" in part
+    # our field names are identifiers; pydantic's tags look like 'constrained-str', 'list[int]'
+    return part in _TYPE_TAGS or any(c in part for c in "[(-")
 
 
 def _field_path(loc: Sequence[int | str]) -> str:
@@ -113,24 +114,48 @@ def _field_path(loc: Sequence[int | str]) -> str:
     return out
 
 
+def _most_telling(errors: Sequence[Any]) -> Any:
+    """The error to report: the first field's, preferring the union branch the input took.
+
+    A `str | list[int]` field given `[true]` fails both branches; "should be a valid
+    string" is true but useless, "[0]: should be a valid integer" is the answer. So among
+    the first field's errors: deepest location first, then constraint errors (too short,
+    too large) over plain type mismatches.
+    """
+    first_field = _field_path(errors[0].get("loc", ())).split("[")[0].split(".")[0]
+
+    def rank(error: Any) -> tuple[int, int]:
+        path = _field_path(error.get("loc", ()))
+        type_mismatch = str(error.get("type", "")).endswith("_type")
+        return (-path.count("[") - path.count("."), int(type_mismatch))
+
+    same_field = [
+        e
+        for e in errors
+        if _field_path(e.get("loc", ())).split("[")[0].split(".")[0] == first_field
+    ]
+    return min(same_field, key=rank)
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """One line naming the first bad field and why, plus the field path as `param`."""
+    """One line naming the bad field and why, plus the field path as `param`."""
     errors = exc.errors()
     if not errors:
         return "invalid request body", None
-    first = errors[0]
-    kind = first.get("type", "")
-    path = _field_path(first.get("loc", ()))
-    msg = str(first.get("msg", "invalid value"))
+    chosen = _most_telling(errors)
+    kind = chosen.get("type", "")
+    path = _field_path(chosen.get("loc", ()))
+    msg = str(chosen.get("msg", "invalid value"))
     msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if kind == "json_invalid":
-        ctx = first.get("ctx") or {}
+        ctx = chosen.get("ctx") or {}
         return f"request body is not valid JSON: {ctx.get('error', msg)}", None
     if kind == "missing" and not path:
         return "request body is required (a JSON object)", None
     if not path:
         return f"request body: {msg}", None
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    fields = {_field_path(e.get("loc", ())).split("[")[0].split(".")[0] for e in errors}
+    more = f" (and {len(fields) - 1} more fields)" if len(fields) > 1 else ""
     return f"{path}: {msg}{more}", path
 
 

@@ -28,6 +28,7 @@ from modeldeploy.server.http.middleware import CLIENT_CLOSED
 from modeldeploy.server.http.openai_api import INFERENCE_ERRORS, check_max_tokens, runtime_of
 from modeldeploy.server.http.runtime import ServerRuntime
 from modeldeploy.server.http.schemas import (
+    PREDICT_MAX_TOKENS,
     ApplyTemplateRequest,
     ApplyTemplateResponse,
     DetokenizeRequest,
@@ -57,12 +58,14 @@ def _check_token_ids(runtime: ServerRuntime, ids: list[int], field: str) -> None
             )
 
 
-def _predict_params(body: PredictRequest | PredictBatchRequest) -> Any:
+def _predict_params(body: PredictRequest | PredictBatchRequest, runtime: ServerRuntime) -> Any:
+    """Plain-completion parameters; an explicit max_tokens must fit the context (400)."""
     from modeldeploy.server.engine.sampling import SamplingParams
 
-    return SamplingParams(
-        max_tokens=body.max_tokens, temperature=body.temperature, stop=body.stop or []
-    )
+    engine = runtime.require_engine()
+    check_max_tokens(engine, body.max_tokens, "max_tokens")
+    max_tokens = body.max_tokens or PREDICT_MAX_TOKENS  # the engine stops at the context end
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, stop=body.stop or [])
 
 
 @router.post("/predict", response_model=PredictResponse, responses=INFERENCE_ERRORS)
@@ -70,12 +73,11 @@ async def predict(body: PredictRequest, request: Request) -> Any:
     """One prediction: `input` (text or token ids) -> generated `output`."""
     runtime = runtime_of(request)
     deadline = Deadline.after(runtime.settings.timeout)
-    engine = runtime.require_engine()
-    check_max_tokens(engine, body.max_tokens, "max_tokens")
+    params = _predict_params(body, runtime)
     if isinstance(body.input, list):
         _check_token_ids(runtime, body.input, "input")
     start = time.monotonic()
-    events = token_events(runtime, body.input, _predict_params(body), request.state.request_id)
+    events = token_events(runtime, body.input, params, request.state.request_id)
     try:
         result = await until_done_or_gone(request, runtime, collect(events), deadline)
     except ClientGone:
@@ -92,8 +94,7 @@ async def predict_batch(body: PredictBatchRequest, request: Request) -> Any:
     """Several predictions generated concurrently; outputs in input order."""
     runtime = runtime_of(request)
     deadline = Deadline.after(runtime.settings.timeout)
-    engine = runtime.require_engine()
-    check_max_tokens(engine, body.max_tokens, "max_tokens")
+    params = _predict_params(body, runtime)
     if len(body.inputs) > runtime.gate.capacity:
         raise ApiError(
             400,
@@ -105,7 +106,6 @@ async def predict_batch(body: PredictBatchRequest, request: Request) -> Any:
         if isinstance(item, list):
             _check_token_ids(runtime, item, f"inputs[{i}]")
     runtime.gate.check(len(body.inputs))  # all fit, or 429 before any starts
-    params = _predict_params(body)
     rid = request.state.request_id
     start = time.monotonic()
 

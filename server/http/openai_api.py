@@ -64,12 +64,21 @@ INFERENCE_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+#: One server-sent event (OpenAPI 3.1: the media type's schema describes each event).
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "`data` is a JSON chunk, an error object, or the final `[DONE]`",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+    "required": ["data"],
+}
+
+
 def _sse_responses(model: type) -> dict[int | str, dict[str, Any]]:
     """200 is JSON, or an event stream when `stream` is true; plus the error statuses."""
     return {
         200: {
             "model": model,
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
             "description": "the completion (JSON), or SSE chunks ending in `data: [DONE]`",
         },
         **INFERENCE_ERRORS,
@@ -237,9 +246,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     deadline = Deadline.after(runtime.settings.timeout)
     runtime.check_model(body.model)
     engine = runtime.require_engine()
+    check_max_tokens(engine, body.max_tokens, "max_tokens")
+    check_max_tokens(engine, body.max_completion_tokens, "max_completion_tokens")
     max_tokens = body.max_completion_tokens or body.max_tokens
-    field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-    check_max_tokens(engine, max_tokens, field)
     if body.top_logprobs and not body.logprobs:
         raise ApiError(400, "top_logprobs: requires logprobs to be true", param="top_logprobs")
     kwargs = dict(body.chat_template_kwargs or {})

@@ -8,35 +8,59 @@ as OpenAI-compatible servers do, because SDKs add new fields faster than servers
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 #: Largest `n`-like fan-out and list lengths we accept; bigger is a 400, not an OOM.
 MAX_STOP_SEQUENCES = 16
 MAX_TOP_LOGPROBS_CHAT = 20
 MAX_LOGPROBS_COMPLETION = 5
+#: Tokens /predict generates when the request does not say.
+PREDICT_MAX_TOKENS = 128
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's `integer` includes 2.0; strict pydantic would refuse it."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: An integer as JSON Schema means it: 3 and 3.0, never true or "3".
+Int = Annotated[int, BeforeValidator(_integral)]
+#: A token id; the upper bound (the vocabulary) is added to /openapi.json once loaded.
+TokenId = Annotated[Int, Field(ge=0)]
+#: A non-empty prompt text.
+Text = Annotated[str, Field(min_length=1)]
+#: A non-empty list of token ids.
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+#: A stop sequence (never empty: an empty one would stop before the first token).
+StopText = Annotated[str, Field(min_length=1)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: JSON `true` is not the integer 1 and "5" is not a number, as the schema says
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class SamplingFields(_Request):
     """Sampling fields shared by chat and text completions (OpenAI plus common extensions)."""
 
     model: str | None = Field(None, description="served model name; omitted means the one served")
-    max_tokens: int | None = Field(None, ge=1, description="most tokens to generate")
+    max_tokens: Int | None = Field(None, ge=1, description="most tokens to generate")
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, description="0 or -1 disables")
+    top_k: Int | None = Field(None, ge=-1, description="0 or -1 disables")
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    stop: str | list[str] | None = Field(None, description="up to 16 stop strings")
-    n: int = Field(1, ge=1, le=1, description="only 1 choice per request is supported")
+    seed: Int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_SEQUENCES)] | None = Field(
+        None, description="a stop string or up to 16 of them"
+    )
+    n: Int = Field(1, ge=1, le=1, description="only 1 choice per request is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -45,47 +69,40 @@ class SamplingFields(_Request):
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        stops = [value] if isinstance(value, str) else list(value)
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must not be empty")
-        return stops
+        return [value] if isinstance(value, str) else value
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class TextPart(_Request):
+    """A content part; only text exists for the text-only models this server runs."""
+
+    type: Literal["text"] = Field(..., description="only text parts are supported")
+    text: str
+
+
 class ChatMessage(_Request):
-    """One chat turn; content parts other than text are refused (text-only models)."""
+    """One chat turn: content as a string or as text parts (joined)."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
-    @field_validator("content")
-    @classmethod
-    def _text_only(cls, value: str | list[dict[str, Any]] | None) -> str | None:
-        if value is None or isinstance(value, str):
-            return value
-        texts = []
-        for i, part in enumerate(value):
-            kind = part.get("type")
-            if kind != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(
-                    f"part {i} has type {kind!r}; only text parts are supported by this model"
-                )
-            texts.append(part["text"])
-        return "".join(texts)
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
 
     def template_dict(self) -> dict[str, Any]:
-        """The message as chat templates expect it (no None fields)."""
-        return self.model_dump(exclude_none=True)
+        """The message as chat templates expect it: `content` always a string, no None fields."""
+        out = self.model_dump(exclude_none=True)
+        out["content"] = self.text
+        return out
 
 
 class ResponseFormat(_Request):
@@ -94,9 +111,9 @@ class ResponseFormat(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS_CHAT)
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS_CHAT)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
@@ -105,17 +122,10 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] = Field(..., description="text, or token ids")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS_COMPLETION)
+    prompt: Text | TokenIds = Field(..., description="text, or token ids")
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS_COMPLETION)
     echo: bool = False
-    best_of: int | None = Field(None, ge=1, le=1)
-
-    @field_validator("prompt")
-    @classmethod
-    def _non_empty(cls, value: str | list[int]) -> str | list[int]:
-        if isinstance(value, list) and not value:
-            raise ValueError("token list must not be empty")
-        return value
+    best_of: Int | None = Field(None, ge=1, le=1)
 
 
 # ---- responses ---------------------------------------------------------------
@@ -256,7 +266,7 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(_Request):
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class DetokenizeResponse(BaseModel):
@@ -277,17 +287,19 @@ class ApplyTemplateResponse(BaseModel):
 
 
 class _PredictParams(_Request):
-    max_tokens: int = Field(128, ge=1)
+    max_tokens: Int | None = Field(
+        None, ge=1, description=f"default {PREDICT_MAX_TOKENS}, at most the context length"
+    )
     temperature: float = Field(0.0, ge=0.0, le=2.0)
-    stop: list[str] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
+    stop: list[StopText] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
 
 
 class PredictRequest(_PredictParams):
-    input: str | list[int] = Field(..., description="prompt text, or token ids")
+    input: Text | TokenIds = Field(..., description="prompt text, or token ids")
 
 
 class PredictBatchRequest(_PredictParams):
-    inputs: list[str | list[int]] = Field(..., min_length=1)
+    inputs: list[Text | TokenIds] = Field(..., min_length=1)
 
 
 class PredictResponse(BaseModel):

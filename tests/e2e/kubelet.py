@@ -6,7 +6,8 @@ tests exercise the Deployment *as the operator generated it*:
 
 * Deployment controller: for each Deployment, keeps `spec.replicas` pods of the
   current template (label `pod-template-hash`, ownerReference to the Deployment),
-  replaces pods of an older template once the new ones are ready, deletes extra
+  replaces pods of an older template once the new ones are ready (all new pods at
+  once: maxSurge/maxUnavailable are not followed), deletes extra
   pods on scale-down (not-ready ones first), writes `status` (replicas,
   updatedReplicas, readyReplicas, availableReplicas, unavailableReplicas,
   observedGeneration, Available/Progressing conditions). Pods whose owning
@@ -16,13 +17,14 @@ tests exercise the Deployment *as the operator generated it*:
   local process (see `containers.py` for env, secrets, volumes, ports); restart
   policy Always with the kubelet's back-off (first restart at once, then 10 s, 20 s,
   ... capped at 300 s, i.e. CrashLoopBackOff); startup, readiness and liveness
-  probes with their declared path, port, period, timeout and failure threshold
-  (startup gates the other two; a failed startup or liveness probe kills the
+  probes with their declared path, port, initial delay, period, timeout, success and
+  failure thresholds (startup gates the other two; a failed startup or liveness probe kills the
   container with SIGTERM, SIGKILL after the grace period, and restarts it); the
   termination message from the container's terminationMessagePath, falling back to
   the last 80 log lines (2048 bytes) under `FallbackToLogsOnError`; pod status with
   phase, PodScheduled/Initialized/ContainersReady/Ready conditions, init-container
-  and container states, `started`, `ready`, `restartCount`, `lastState`.
+  and container states, `started`, `ready`, `restartCount`, `lastState`; pod Events
+  as the kubelet posts them (Started, Unhealthy, Killing, BackOff).
   A pod whose PersistentVolumeClaim does not exist stays Pending, Unschedulable.
   Deleting a pod (or its Deployment) stops its processes: SIGTERM, then SIGKILL
   after terminationGracePeriodSeconds.
@@ -39,7 +41,9 @@ user; read-only root is not enforced), resources/limits, scheduling constraints
 (nodeSelector, tolerations, affinity), ReplicaSets (pods are owned directly by the
 Deployment), exec probes, volume kinds other than emptyDir and
 persistentVolumeClaim (each claim is one host directory shared by all pods, like
-a ReadWriteMany volume).
+a ReadWriteMany volume). Because mount paths are rewritten to host directories,
+anything a process derives from a path string differs from a real pod's (e.g. the
+hash part of the slug of a `file:///models/...` source).
 """
 
 from __future__ import annotations
@@ -79,12 +83,12 @@ FALLBACK_BYTES = 2048
 #: The termination message file is read up to this many bytes.
 MESSAGE_BYTES = 4096
 TEMPLATE_HASH_LABEL = "pod-template-hash"
+DEPLOYMENTS_PATH = "/apis/apps/v1/deployments"
+PODS_PATH = "/api/v1/pods"
+NODE_NAME = "fake-node"
 #: If the test process dies without cleaning up (SIGKILL, a crash), the kernel kills the
 #: containers too: util-linux `setpriv --pdeathsig KILL` execs the container's command.
 SETPRIV = shutil.which("setpriv")
-DEPLOYMENTS_PATH = "/apis/apps/v1/deployments"
-NODE_NAME = "fake-node"
-PODS_PATH = "/api/v1/pods"
 
 
 def now() -> str:
@@ -129,6 +133,7 @@ class Probe:
     spec: Mapping[str, Any]
     next_due: float = 0.0
     failures: int = 0
+    successes: int = 0
     last_error: str = ""
 
     @property
@@ -173,7 +178,13 @@ class Probe:
         else:
             raise ContainerConfigError(f"probe {sorted(self.spec)} not supported")
         self.failures = 0 if ok else self.failures + 1
+        self.successes = self.successes + 1 if ok else 0
         return ok
+
+    @property
+    def passing(self) -> bool:
+        """successThreshold consecutive successes (readiness may ask for more than one)."""
+        return self.successes >= int(self.spec.get("successThreshold", 1))
 
 
 @dataclass
@@ -236,7 +247,10 @@ class Container:
         self.ready = False
         self.kill_deadline = None
         self.probes = {
-            kind: Probe(self.spec[kind], next_due=at)
+            kind: Probe(
+                self.spec[kind],
+                next_due=at + float(self.spec[kind].get("initialDelaySeconds", 0)) * TIME_SCALE,
+            )
             for kind in ("startupProbe", "readinessProbe", "livenessProbe")
             if self.spec.get(kind)
         }
@@ -399,6 +413,11 @@ class PodRunner:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        """True once the pod is being (or has been) stopped."""
+        return self._stop.is_set()
+
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
@@ -519,7 +538,7 @@ class PodRunner:
         if readiness is None:
             container.ready = True
         elif readiness.due(at):
-            if readiness.run(ports, at):
+            if readiness.run(ports, at) and readiness.passing:
                 container.ready = True
             elif readiness.failures >= readiness.threshold:
                 container.ready = False
@@ -708,12 +727,17 @@ class FakeKubelet:
         return self.read_object("persistentvolumeclaims", namespace, claim) is not None
 
     def pods_of(self, namespace: str, deployment: str) -> list[PodRunner]:
-        """Running pods of a Deployment (by the pods' names), oldest first."""
+        """The live pods of a Deployment (by their owner reference), oldest first."""
         with self._lock:
             return [
                 r
-                for (ns, name), r in self.runners.items()
-                if ns == namespace and name.startswith(f"{deployment}-") and not r._stop.is_set()
+                for (ns, _name), r in self.runners.items()
+                if ns == namespace
+                and not r.stopping
+                and any(
+                    o.get("kind") == "Deployment" and o.get("name") == deployment
+                    for o in r.pod["metadata"].get("ownerReferences") or []
+                )
             ]
 
     def all_runners(self) -> list[PodRunner]:
@@ -727,7 +751,7 @@ class FakeKubelet:
             runners = list(self.runners.values())
         for runner in runners:
             labels = runner.pod["metadata"].get("labels") or {}
-            if runner.namespace != namespace or runner._stop.is_set() or not runner.ready:
+            if runner.namespace != namespace or runner.stopping or not runner.ready:
                 continue
             if all(labels.get(k) == v for k, v in selector.items()):
                 with contextlib.suppress(KeyError):
@@ -917,7 +941,7 @@ class FakeKubelet:
                     self.runners[key] = PodRunner(self, pod).start()
             for key, runner in list(self.runners.items()):
                 gone = key not in pods or pods[key]["metadata"].get("deletionTimestamp")
-                if gone and not runner._stop.is_set():
+                if gone and not runner.stopping:
                     runner.stop()
             for key in [k for k in self._deleting if k not in pods]:
                 self._deleting.discard(key)

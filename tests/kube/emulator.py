@@ -56,11 +56,15 @@ Key = tuple[kmock.resource, str | None, str]
 EVENT_LOG_LIMIT = 20000
 
 
-def _padded_priority(payloads: list[Any], index: int) -> tuple[float, ...]:
-    """kmock's ordering: higher priority first, shorter priority tuples padded with zeros."""
-    width = max(len(p.priorities) for p in payloads)
-    priority = tuple(-p for p in payloads[index].priorities)
-    return priority + (0,) * (width - len(priority))
+def _by_priority(payloads: list[Any]) -> list[Any]:
+    """kmock's ordering: higher priority first (tuples padded with zeros), then insertion."""
+    width = max((len(p.priorities) for p in payloads), default=0)
+
+    def key(payload: Any) -> tuple[float, ...]:
+        priority = tuple(-p for p in payload.priorities)
+        return priority + (0,) * (width - len(priority))
+
+    return sorted(payloads, key=key)
 
 
 def now_rfc3339() -> str:
@@ -193,7 +197,7 @@ class StrictKubernetesEmulator(kmock.KubernetesEmulator):
                 (scale.get("labelSelectorPath") or "").lstrip("."),
             )
         crds = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
-        stored = self._stamp(copy.deepcopy(dict(crd)), None)
+        stored = self._stamp(copy.deepcopy(dict(crd)))
         self._objects[crds, None, crd["metadata"]["name"]] = stored
         return schema
 
@@ -228,11 +232,7 @@ class StrictKubernetesEmulator(kmock.KubernetesEmulator):
         so far, which makes a long test quadratic; plain filter chains are decided on the
         request alone here, anything else (slices, groups) keeps kmock's exact semantics.
         """
-        ranked = sorted(
-            range(len(self._payloads)),
-            key=lambda i: _padded_priority(self._payloads, i),
-        )
-        for payload in (self._payloads[i] for i in ranked):
+        for payload in _by_priority(self._payloads):
             if payload._disabled.is_set() or not self._sees(payload._source, request):
                 continue
             try:
@@ -283,7 +283,7 @@ class StrictKubernetesEmulator(kmock.KubernetesEmulator):
             )
         return obj
 
-    def _stamp(self, obj: dict[str, Any], res: kmock.resource | None) -> dict[str, Any]:
+    def _stamp(self, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj.setdefault("metadata", {})
         meta["uid"] = str(uuid.uuid4())
         meta["resourceVersion"] = self._next_rv()
@@ -470,7 +470,7 @@ class StrictKubernetesEmulator(kmock.KubernetesEmulator):
                     {"name": meta["name"], "kind": res.plural},
                 )
             obj = self._admit(res, obj, None, request)
-            obj = self._stamp(obj, res)
+            obj = self._stamp(obj)
             self._store(key, obj, "ADDED")
         return kmock.Response(status=201, payload=obj)
 

@@ -157,6 +157,29 @@ def server_crashloop(message: str, *, restarts: int = 3) -> dict[str, Any]:
     )
 
 
+def server_exited(code: int, message: str = "", *, restarts: int = 0) -> dict[str, Any]:
+    """The server container has just exited with `code`; the kubelet has not restarted it yet."""
+    reason = "OOMKilled" if code == 137 and "memory" in message else "Error"
+    return _status(
+        "Running",
+        _container("harvest", _terminated(0, "Completed"), ready=True),
+        _container("server", _terminated(code, reason, message), restarts=restarts),
+        initialized=True,
+        ready=False,
+    )
+
+
+def harvest_exited(code: int, message: str) -> dict[str, Any]:
+    """The harvest init container has just exited with `code` (before any back-off)."""
+    return _status(
+        "Pending",
+        _container("harvest", _terminated(code, "Error", message)),
+        _container("server", _waiting("PodInitializing")),
+        initialized=False,
+        ready=False,
+    )
+
+
 def image_pull_backoff(image: str) -> dict[str, Any]:
     return _status(
         "Pending",
