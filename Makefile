@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint run inspect-demo clean
+.PHONY: venv test lint run inspect-demo clean bench bench-peers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,3 +46,14 @@ run: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+
+# `make bench`: build the peers (llama.cpp from the llama-cpp-python sdist, CPU only) into
+# bench/.work — never into the product venv — then run every peer on the same GGUF,
+# interleaved; results land in bench/results/ (JSON + Markdown, latest.md).
+BENCH_MODEL ?= qwen2.5-coder-0.5b-instruct
+BENCH_ARGS  ?=
+bench-peers:
+	PYTHON=$(PYTHON) bench/setup_peers.sh
+
+bench: $(STAMP) bench-peers
+	$(PY) bench/bench.py "$$($(PY) -m modeldeploy.server.catalogue fetch $(BENCH_MODEL) | tail -n 1)" $(BENCH_ARGS)

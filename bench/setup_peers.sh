@@ -21,8 +21,13 @@ VENV="$WORK/venv"
 
 mkdir -p "$WORK/dl"
 
+if [ ! -x "$VENV/bin/pip" ]; then
+    "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+fi
+
 if [ ! -d "$SRC" ]; then
-    (cd "$WORK/dl" && "$PYTHON" -m pip download -q --no-binary :all: --no-deps \
+    (cd "$WORK/dl" && "$VENV/bin/pip" download -q --no-binary :all: --no-deps \
         "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION")
     tar -xzf "$WORK/dl/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz" -C "$WORK/dl"
 fi
@@ -39,8 +44,6 @@ if [ ! -x "$BUILD/bin/llama-server" ]; then
 fi
 
 if [ ! -f "$VENV/.installed" ]; then
-    "$PYTHON" -m venv "$VENV"
-    "$VENV/bin/pip" install -q --upgrade pip
     # LLAMA_BUILD=OFF: the Python package only; its native library comes from $BUILD/bin.
     CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" \
         "$VENV/bin/pip" install -q "$WORK/dl/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz" \

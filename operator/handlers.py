@@ -235,7 +235,7 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     resource = (GROUP, VERSION, PLURAL)
 
-    @kopf.on.login(registry=registry)
+    @kopf.on.login(id="login", registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
         if ctx.configuration is None:
             ctx.configuration = load_configuration()
@@ -243,17 +243,20 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
             ctx.api = KubeApi(ctx.configuration)
         return connection_info(ctx.configuration)
 
-    @kopf.on.resume(*resource, registry=registry, backoff=2)
-    @kopf.on.create(*resource, registry=registry, backoff=2)
-    @kopf.on.update(*resource, registry=registry, backoff=2)
+    # Explicit ids: they name kopf's progress annotations (modeldeploy.dev/reconcile).
+    @kopf.on.resume(*resource, id="reconcile", registry=registry, backoff=2)
+    @kopf.on.create(*resource, id="reconcile", registry=registry, backoff=2)
+    @kopf.on.update(*resource, id="reconcile", registry=registry, backoff=2)
     def converge(namespace: str, name: str, reason: str, **_: Any) -> None:
         reconcile(ctx, namespace, name, handler=str(reason))
 
-    @kopf.timer(*resource, registry=registry, interval=ctx.interval, initial_delay=ctx.interval)
+    @kopf.timer(
+        *resource, id="resync", registry=registry, interval=ctx.interval, initial_delay=ctx.interval
+    )
     def resync(namespace: str, name: str, **_: Any) -> None:
         reconcile(ctx, namespace, name, handler="timer")
 
-    @kopf.on.delete(*resource, registry=registry, optional=True)
+    @kopf.on.delete(*resource, id="forget", registry=registry, optional=True)
     def forget(namespace: str, name: str, **_: Any) -> None:
         ctx.record_phase((namespace, name), None)
 
@@ -266,11 +269,13 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
         except (kopf.TemporaryError, kopf.PermanentError) as exc:
             log.debug("reconcile of %s/%s after a %s change: %s", namespace, owner, kind, exc)
 
-    @kopf.on.event("apps", "v1", "deployments", labels=labels.MANAGED_FILTER, registry=registry)
+    managed = labels.MANAGED_FILTER
+
+    @kopf.on.event("apps", "v1", "deployments", id="deployment", labels=managed, registry=registry)
     def deployment_event(namespace: str | None, meta: Mapping[str, Any], **_: Any) -> None:
         child_changed(namespace, meta, "deployment")
 
-    @kopf.on.event("", "v1", "pods", labels=labels.MANAGED_FILTER, registry=registry)
+    @kopf.on.event("", "v1", "pods", id="pod", labels=managed, registry=registry)
     def pod_event(namespace: str | None, meta: Mapping[str, Any], **_: Any) -> None:
         child_changed(namespace, meta, "pod")
 

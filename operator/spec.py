@@ -199,7 +199,8 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+#: The name becomes a Service name: a DNS-1035 label (the CRD checks it too).
+_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
 def parse_spec(body: Mapping[str, Any], *, default_image: str | None = None) -> ModelDeploymentSpec:
@@ -210,9 +211,11 @@ def parse_spec(body: Mapping[str, Any], *, default_image: str | None = None) -> 
     """
     meta = body.get("metadata") or {}
     name = meta.get("name") or ""
-    if not _NAME.match(name) or len(name) > 52:
-        # 52: "<name>-models" and the Deployment's pod names must stay valid DNS labels.
-        raise SpecError(f"metadata.name: {name!r} must be a DNS label of at most 52 characters")
+    if not _NAME.match(name) or len(name) > 63:
+        raise SpecError(
+            f"metadata.name: {name!r} must start with a letter and have at most 63 lowercase "
+            "letters, digits or '-' (it names the Service)"
+        )
     spec = body.get("spec")
     if not isinstance(spec, Mapping):
         raise SpecError("spec: missing")

@@ -213,6 +213,15 @@ def test_invalid_manifest_is_refused_naming_the_field(crd, change, field) -> Non
     assert field in str(refused.value)
 
 
+@pytest.mark.parametrize("name", ["1model", "a" * 64, "with.dot"])
+def test_names_that_cannot_name_a_service_are_refused(crd, name: str) -> None:
+    manifest = copy.deepcopy(BASE)
+    manifest["metadata"]["name"] = name
+    with pytest.raises(Invalid) as refused:
+        crd.admit(manifest)
+    assert "metadata.name must start with a letter" in str(refused.value)
+
+
 def test_each_refusal_is_specific(crd) -> None:
     """No invalid manifest is refused for an unrelated reason: one cause each."""
     for name, change, _field in INVALID:

@@ -8,8 +8,14 @@ probes, and kube-proxy for the Service. A tiny generated model lies on the
 "claim" at the path examples/tiny-local.yaml names, so the example is applied
 as it is.
 
-The tests run in order on one cluster and one ModelDeployment: apply -> scale
--> kill a server -> a failing second ModelDeployment -> delete both.
+The tests run in order on one cluster and share its state: apply the example
+-> its slug directory -> OpenAI through the Service -> scale to 2 -> SIGKILL a
+server -> roll a spec change, scale to 1 -> refuse an invalid manifest -> a
+second ModelDeployment whose source is missing -> delete both. Two tests check
+the fake node itself: the translation of the operator's pod spec (Secrets,
+volumes, ports) and the restart of a container that fails its liveness probe.
+A failure early on makes the later tests fail too; the first failure is the one
+to read (its message carries the containers' logs where that helps).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import openai
 import pytest
 import yaml
@@ -36,6 +43,7 @@ from e2e.kubelet import FakeKubelet, PodRunner
 from e2e.service_proxy import ServiceProxy
 from fixtures.tiny_models import copy_model
 from kube.cluster import Cluster
+from kube.cluster import wait_for as cluster_wait_for
 from kube.operator_runner import OperatorRunner
 from modeldeploy.operator.builders import HARVEST_CONTAINER, SERVER_CONTAINER, build_deployment
 from modeldeploy.operator.spec import parse_spec
@@ -44,6 +52,7 @@ from modeldeploy.server.harvest import WEIGHT_SUFFIXES, read_record
 from modeldeploy.server.http.settings import TERMINATION_LOG_ENV
 from modeldeploy.server.slug import slug_for
 from modeldeploy.server.sources import parse_source
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -63,16 +72,11 @@ def wait_for(
     timeout: float = READY_TIMEOUT_S,
     diagnose: Callable[[], str] = lambda: "",
 ) -> T:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(
-        f"timed out after {timeout}s waiting for {what}; last: {last!r}\n{diagnose()}"
-    )
+    """kube.cluster.wait_for at kubectl's pace, with the node's logs when it times out."""
+    try:
+        return cluster_wait_for(probe, timeout=timeout, interval=0.25, what=what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{diagnose()}") from None
 
 
 @dataclass
@@ -96,6 +100,15 @@ class World:
         seen = self.phases.setdefault(obj["metadata"]["name"], [])
         if phase and (not seen or seen[-1] != phase):
             seen.append(phase)
+
+    @property
+    def served_name(self) -> str:
+        return str(self.example["spec"]["model"]["servedName"])
+
+    def openai(self) -> openai.OpenAI:
+        """An OpenAI client for the Service of the example, through the fake kube-proxy."""
+        port = self.proxy.port(NAMESPACE, self.name, SERVICE_PORT)
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
 
     def md(self, name: str | None = None) -> dict[str, Any]:
         return self.kubectl.json("get", "md", name or self.name)
@@ -125,7 +138,18 @@ class World:
         return "\n".join(out) or "(no container ran)"
 
 
-def pods_with_phase_sequence(seen: list[str], expected: list[str]) -> bool:
+def served_requests(runner: PodRunner) -> float:
+    """modeldeploy_requests_total summed over its labels, read from one pod's /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{runner.local_port('http')}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "modeldeploy_requests_total"
+    )
+
+
+def in_order(seen: list[str], expected: list[str]) -> bool:
     """Whether `expected` occurs in `seen` in order (other phases may lie in between)."""
     it = iter(seen)
     return all(phase in it for phase in expected)
@@ -180,7 +204,7 @@ def test_apply_goes_pending_harvesting_loading_ready(world: World) -> None:
     )
     elapsed = time.monotonic() - started
     phases = world.phases[world.name]
-    assert pods_with_phase_sequence(phases, ["Pending", "Harvesting", "Loading", "Ready"]), phases
+    assert in_order(phases, ["Pending", "Harvesting", "Loading", "Ready"]), phases
     assert "Failed" not in phases, (phases, world.logs())
     assert status["readyReplicas"] == 1 and status["replicas"] == 1
     print(f"apply -> Ready in {elapsed:.1f}s via {phases}")
@@ -200,7 +224,7 @@ def test_apply_goes_pending_harvesting_loading_ready(world: World) -> None:
     reasons = [
         e["reason"] for e in sorted(events, key=lambda e: int(e["metadata"]["resourceVersion"]))
     ]
-    assert pods_with_phase_sequence(reasons, ["Harvesting", "Loading", "Ready"]), reasons
+    assert in_order(reasons, ["Harvesting", "Loading", "Ready"]), reasons
 
 
 def test_slug_directory_on_the_shared_volume_has_the_harvested_siblings(world: World) -> None:
@@ -230,9 +254,8 @@ def test_slug_directory_on_the_shared_volume_has_the_harvested_siblings(world: W
 
 
 def test_openai_client_through_the_service(world: World) -> None:
-    port = world.proxy.port(NAMESPACE, world.name, SERVICE_PORT)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-    served = world.example["spec"]["model"]["servedName"]
+    client = world.openai()
+    served = world.served_name
     assert [m.id for m in client.models.list().data] == [served]
     completion = client.completions.create(model=served, prompt="Hello", max_tokens=4)
     choice = completion.choices[0]
@@ -315,6 +338,17 @@ def test_kubectl_scale_runs_two_servers(world: World) -> None:
     assert deployment["status"]["readyReplicas"] == 2
     table = world.kubectl("get", "md", world.name).splitlines()
     assert table[1].split()[2:5] == ["2", "2", "Ready"]
+
+    # The Service spreads connections over both ready replicas (like kube-proxy, per
+    # connection: one kept-alive client connection stays on one pod), each counts its own.
+    before = {r.name: served_requests(r) for r in world.servers()}
+    port = world.proxy.port(NAMESPACE, world.name, SERVICE_PORT)
+    body = {"model": world.served_name, "prompt": "Hi", "max_tokens": 1}
+    for _ in range(4):
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+        response.raise_for_status()
+    after = {r.name: served_requests(r) for r in world.servers()}
+    assert all(after[name] - before[name] >= 1 for name in before), (before, after)
 
 
 def test_sigkilled_server_is_restarted_and_ready_again(world: World) -> None:

@@ -234,6 +234,22 @@ def test_bad_input_table(
     assert response.headers["content-type"].startswith("application/json")
 
 
+def test_chunked_body_over_the_cap_is_413(http: httpx.Client) -> None:
+    """No Content-Length (chunked upload): the cap is enforced while reading."""
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"prompt": "'
+        for _ in range(MAX_BODY_BYTES // 1024 + 2):
+            yield b"x" * 1024
+        yield b'"}'
+
+    response = http.post(
+        "/v1/completions", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+
+
 def test_api_key_required_except_probes(server: ServerProcess) -> None:
     with httpx.Client(base_url=server.url, timeout=30) as anonymous:
         for path in ("/health", "/ready", "/metrics", "/openapi.json"):
@@ -365,6 +381,8 @@ def test_logs_are_json_and_never_contain_the_api_key(server: ServerProcess) -> N
 
 def test_metrics_parse_and_name_every_documented_metric(http: httpx.Client) -> None:
     http.post("/v1/completions", json={"prompt": "metrics", "max_tokens": 3})
+    too_big = {"prompt": "x" * (MAX_BODY_BYTES + 1)}
+    assert http.post("/v1/completions", json=too_big).status_code == 413
     text = http.get("/metrics").text
     names = {s[0] for s in metric_samples(text)}
     families = {f.name for f in text_string_to_metric_families(text)}
@@ -374,6 +392,7 @@ def test_metrics_parse_and_name_every_documented_metric(http: httpx.Client) -> N
     assert not any(n.endswith("_created") for n in names)
     assert metric(http, "modeldeploy_model_info", model="tiny", format="gguf") == 1
     assert metric(http, "modeldeploy_requests_total", endpoint="/v1/completions", status="200") >= 1
+    assert metric(http, "modeldeploy_requests_total", endpoint="/v1/completions", status="413") >= 1
     assert metric(http, "modeldeploy_generation_tokens_total", model="tiny") >= 3
     assert metric(http, "modeldeploy_time_to_first_token_seconds_count", model="tiny") >= 1
     assert metric(http, "modeldeploy_model_load_seconds", model="tiny") > 0
@@ -454,6 +473,24 @@ def test_disconnect_mid_stream_frees_the_slot(server: ServerProcess, http: httpx
     assert generated < max_tokens  # cancelled, not run to the end
     ok = http.post("/v1/completions", json={"prompt": "still fine", "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_disconnect_while_waiting_for_a_non_stream_answer_frees_the_slot(
+    server: ServerProcess, http: httpx.Client
+) -> None:
+    body = {"prompt": "Long:", "max_tokens": 480, "ignore_eos": True}
+    with (
+        httpx.Client(base_url=server.url, headers=http.headers, timeout=0.25) as impatient,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        impatient.post("/v1/completions", json=body)  # gives up and closes the connection
+    gone_at = time.monotonic()
+    while metric(http, "modeldeploy_requests_running", model="tiny") != 0:
+        assert time.monotonic() - gone_at < 1.0, "generation still running after the client left"
+        time.sleep(0.05)
+    assert http.get("/models").json()["data"][0]["running"] == 0
+    closed = metric(http, "modeldeploy_requests_total", endpoint="/v1/completions", status="499")
+    assert closed >= 1  # counted as 'client closed', not as a success or a 5xx
 
 
 # ---- last: this test ends the module's server ------------------------------------------

@@ -61,6 +61,10 @@ FLOAT_TYPES = frozenset({Q.F32, Q.F16, Q.BF16})
 KERNEL_DTYPE = torch.bfloat16
 #: GGUF's block length for Q4_0/Q4_1 and Q4_K's sub-blocks: our int4 group size.
 GGUF_GROUP = 32
+#: From this many input rows on (prompt chunks, big decode batches) a layer dequantizes
+#: its weight to bf16 and runs a bf16 GEMM: the int kernels are tuned for small M and
+#: lose 4-5x to oneDNN's GEMM at M = 256 (bench/QUANT.md).
+DEQUANT_MIN_ROWS = 32
 #: Rows converted per chunk, a multiple of int4pack's 64-row packing block; bounds the
 #: temporary float32/int32 copies to a few MB per chunk.
 CHUNK_ROWS = 1024
@@ -241,9 +245,31 @@ class _Int4:
         self.dtype = KERNEL_DTYPE
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] >= DEQUANT_MIN_ROWS and self.out_features % 64 == 0:
+            return F.linear(x, self.weight_bf16())
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, self.packed, self.group, self.scale_zero
         )
+
+    def codes(self) -> torch.Tensor:
+        """The (N, K) uint8 codes back from int4pack (N % 64 == 0 only).
+
+        Layout found by probing torch 2.13's CPU packer: each 64-row block is a (K, 32)
+        byte array whose byte [k, j] holds row j in the low and row j + 32 in the high
+        nibble of column k. Tests check this against the kernel itself.
+        """
+        n, k = self.out_features, self.packed.shape[1] * 2
+        blocks = self.packed.view(n // 64, k, 32)
+        both = torch.cat([blocks & 0x0F, blocks >> 4], dim=2)  # (n/64, k, 64 rows)
+        return both.transpose(1, 2).reshape(n, k)
+
+    def weight_bf16(self) -> torch.Tensor:
+        """The weight in bf16, for prompt chunks: there a bf16 GEMM beats the int4 kernel."""
+        n, k = self.out_features, self.packed.shape[1] * 2
+        scale = self.scale_zero[..., 0].T.unsqueeze(-1)  # (N, groups, 1)
+        zero = self.scale_zero[..., 1].T.unsqueeze(-1)
+        w = self.codes().view(n, -1, self.group).to(KERNEL_DTYPE).sub_(8).mul_(scale).add_(zero)
+        return w.view(n, k)
 
     def dense(self) -> torch.Tensor:
         """The weight this segment multiplies by (float32), for checks and fallbacks."""
@@ -267,6 +293,9 @@ class _Int8:
         self.dtype = KERNEL_DTYPE
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] >= DEQUANT_MIN_ROWS:
+            w = self.weight.to(KERNEL_DTYPE).mul_(self.scales[:, None])
+            return F.linear(x, w)
         return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
 
     def dense(self) -> torch.Tensor:

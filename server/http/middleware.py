@@ -92,7 +92,8 @@ class RequestContextMiddleware:
 
     def _record(self, scope: Scope, path: str, status: int, elapsed: float) -> None:
         route = scope.get("route")
-        template = getattr(route, "path", None)
+        # a 401/413 from the middleware below is answered before routing: name the path
+        template = getattr(route, "path", None) or (path if path in INFERENCE_PATHS else None)
         level = logging.DEBUG if path in PROBE_PATHS else logging.INFO
         log.log(
             level,

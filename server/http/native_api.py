@@ -62,8 +62,8 @@ def _predict_params(body: PredictRequest | PredictBatchRequest, runtime: ServerR
     """Plain-completion parameters; an explicit max_tokens must fit the context (400)."""
     from modeldeploy.server.engine.sampling import SamplingParams
 
-    engine = runtime.require_engine()
-    check_max_tokens(engine, body.max_tokens, "max_tokens")
+    runtime.require_engine()  # 503 first: not ready, draining, poisoned
+    check_max_tokens(runtime, body.max_tokens, "max_tokens")
     max_tokens = body.max_tokens or PREDICT_MAX_TOKENS  # the engine stops at the context end
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, stop=body.stop or [])
 

@@ -114,9 +114,9 @@ class EventStreamResponse(StreamingResponse):
             await self._content.aclose()  # type: ignore[attr-defined]
 
 
-def check_max_tokens(engine: Engine, max_tokens: int | None, field: str) -> None:
+def check_max_tokens(runtime: ServerRuntime, max_tokens: int | None, field: str) -> None:
     """400 for a max_tokens that can never fit the model's context (names both numbers)."""
-    limit = int(engine.info().get("max_model_len") or 0)
+    limit = int(runtime.model_info.get("max_model_len") or 0)
     if max_tokens is not None and limit and max_tokens > limit:
         raise ApiError(
             400,
@@ -246,11 +246,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     deadline = Deadline.after(runtime.settings.timeout)
     runtime.check_model(body.model)
     engine = runtime.require_engine()
-    check_max_tokens(engine, body.max_tokens, "max_tokens")
-    check_max_tokens(engine, body.max_completion_tokens, "max_completion_tokens")
+    check_max_tokens(runtime, body.max_tokens, "max_tokens")
+    check_max_tokens(runtime, body.max_completion_tokens, "max_completion_tokens")
     max_tokens = body.max_completion_tokens or body.max_tokens
-    if body.top_logprobs and not body.logprobs:
-        raise ApiError(400, "top_logprobs: requires logprobs to be true", param="top_logprobs")
     kwargs = dict(body.chat_template_kwargs or {})
     prompt = engine.chat_template(
         [m.template_dict() for m in body.messages],
@@ -258,8 +256,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         add_generation_prompt=body.add_generation_prompt,
         **kwargs,
     )
+    top_logprobs = (body.top_logprobs or 0) if body.logprobs else 0  # only with logprobs
     params = sampling_params(
-        body, max_tokens=max_tokens, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0
+        body, max_tokens=max_tokens, logprobs=body.logprobs, top_logprobs=top_logprobs
     )
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -356,7 +355,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     deadline = Deadline.after(runtime.settings.timeout)
     runtime.check_model(body.model)
     engine = runtime.require_engine()
-    check_max_tokens(engine, body.max_tokens, "max_tokens")
+    check_max_tokens(runtime, body.max_tokens, "max_tokens")
     prompt = _prompt_tokens_checked(engine, body.prompt)
     want_logprobs = body.logprobs is not None
     params = sampling_params(

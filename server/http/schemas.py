@@ -27,10 +27,24 @@ def _integral(value: Any) -> Any:
     return value
 
 
-#: An integer as JSON Schema means it: 3 and 3.0, never true or "3".
-Int = Annotated[int, BeforeValidator(_integral)]
+def _int(ge: int | None = None, le: int | None = None) -> Any:
+    """An integer as JSON Schema means it (3 and 3.0, never true or "3"), with bounds.
+
+    The bounds sit inside the annotation, before the validator, so /openapi.json shows
+    them as `minimum`/`maximum`.
+    """
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_integral)]
+
+
+Count = _int(ge=1)
+OnlyOne = _int(ge=1, le=1)
+TopK = _int(ge=-1)
+#: +-(2**53 - 1): exactly representable as a JSON number in every client and validator.
+Seed = _int(ge=-(2**53 - 1), le=2**53 - 1)
+ChatTopLogprobs = _int(ge=0, le=MAX_TOP_LOGPROBS_CHAT)
+LogprobCount = _int(ge=0, le=MAX_LOGPROBS_COMPLETION)
 #: A token id; the upper bound (the vocabulary) is added to /openapi.json once loaded.
-TokenId = Annotated[Int, Field(ge=0)]
+TokenId = _int(ge=0)
 #: A non-empty prompt text.
 Text = Annotated[str, Field(min_length=1)]
 #: A non-empty list of token ids.
@@ -48,19 +62,19 @@ class SamplingFields(_Request):
     """Sampling fields shared by chat and text completions (OpenAI plus common extensions)."""
 
     model: str | None = Field(None, description="served model name; omitted means the one served")
-    max_tokens: Int | None = Field(None, ge=1, description="most tokens to generate")
+    max_tokens: Count | None = Field(None, description="most tokens to generate")
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: Int | None = Field(None, ge=-1, description="0 or -1 disables")
+    top_k: TopK | None = Field(None, description="0 or -1 disables")
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    seed: Int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    seed: Seed | None = None
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_SEQUENCES)] | None = Field(
         None, description="a stop string or up to 16 of them"
     )
-    n: Int = Field(1, ge=1, le=1, description="only 1 choice per request is supported")
+    n: OnlyOne = Field(1, description="only 1 choice per request is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -111,9 +125,9 @@ class ResponseFormat(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: Int | None = Field(None, ge=1)
+    max_completion_tokens: Count | None = None
     logprobs: bool = False
-    top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS_CHAT)
+    top_logprobs: ChatTopLogprobs | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
@@ -123,9 +137,9 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: Text | TokenIds = Field(..., description="text, or token ids")
-    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS_COMPLETION)
+    logprobs: LogprobCount | None = None
     echo: bool = False
-    best_of: Int | None = Field(None, ge=1, le=1)
+    best_of: OnlyOne | None = None
 
 
 # ---- responses ---------------------------------------------------------------
@@ -287,8 +301,8 @@ class ApplyTemplateResponse(BaseModel):
 
 
 class _PredictParams(_Request):
-    max_tokens: Int | None = Field(
-        None, ge=1, description=f"default {PREDICT_MAX_TOKENS}, at most the context length"
+    max_tokens: Count | None = Field(
+        None, description=f"default {PREDICT_MAX_TOKENS}, at most the context length"
     )
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     stop: list[StopText] | None = Field(None, max_length=MAX_STOP_SEQUENCES)

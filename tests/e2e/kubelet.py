@@ -209,7 +209,6 @@ class Container:
     backoff: float | None = None
     started_mono: float = 0.0
     kill_deadline: float | None = None
-    kill_reason: str = ""
     log_path: Path | None = None
     probes: dict[str, Probe] = field(default_factory=dict)
 
@@ -264,12 +263,9 @@ class Container:
             message = self.launch.termination_log.read_bytes()[:MESSAGE_BYTES].decode(
                 "utf-8", "replace"
             )
-        if (
-            not message.strip()
-            and code != 0
-            and self.launch.termination_policy == ("FallbackToLogsOnError")
-        ):
-            message = _tail(self.log_path) if self.log_path else ""
+        fallback = self.launch.termination_policy == "FallbackToLogsOnError"
+        if not message.strip() and code != 0 and fallback and self.log_path is not None:
+            message = _tail(self.log_path)
         terminated: dict[str, Any] = {
             "exitCode": code,
             "reason": "Completed" if code == 0 else "Error",
@@ -312,11 +308,10 @@ class Container:
         }
         return True
 
-    def kill(self, reason: str, grace: float, at: float) -> None:
+    def kill(self, grace: float, at: float) -> None:
         """Begin killing the process: SIGTERM now, SIGKILL once `grace` seconds have passed."""
         if self.proc is None or self.kill_deadline is not None:
             return
-        self.kill_reason = reason
         _kill_group(self.proc, signal.SIGTERM)
         self.kill_deadline = at + grace
 
@@ -437,7 +432,7 @@ class PodRunner:
     def _terminate_all(self) -> None:
         at = time.monotonic()
         for container in [*self.inits, *self.mains]:
-            container.kill("pod deleted", self.grace, at)
+            container.kill(self.grace, at)
         deadline = at + self.grace
         for container in [*self.inits, *self.mains]:
             if container.proc is None:
@@ -558,7 +553,7 @@ class PodRunner:
             "Killing",
             f"Container {container.name} failed {kind.lower()} probe, will be restarted",
         )
-        container.kill(f"failed {kind.lower()} probe", self.grace, at)
+        container.kill(self.grace, at)
 
     def _event(self, container: Container, kind: str, reason: str, message: str) -> None:
         """Post a core/v1 Event about this pod, as the kubelet does (best effort)."""

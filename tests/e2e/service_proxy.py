@@ -32,6 +32,7 @@ class ServiceProxy:
         self._servers: dict[tuple[str, str, int], asyncio.AbstractServer] = {}
         self._services: dict[tuple[str, str], dict[str, Any]] = {}
         self._turn = itertools.count()
+        self._open: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kube-proxy")
         self._thread.daemon = True
@@ -60,10 +61,10 @@ class ServiceProxy:
         for server in self._servers.values():
             server.close()
         self._servers.clear()
+        for writer in list(self._open):
+            writer.transport.abort()
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait(tasks, timeout=5) if tasks else None
 
     def _on_event(self, kind: str, obj: Mapping[str, Any]) -> None:
         meta = obj["metadata"]
@@ -126,11 +127,15 @@ class ServiceProxy:
             return
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+            with contextlib.suppress(ConnectionError):
                 while data := await src.read(_CHUNK):
                     dst.write(data)
                     await dst.drain()
             with contextlib.suppress(OSError, RuntimeError):
                 dst.close()
 
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        self._open.update((writer, up_writer))
+        try:
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        finally:
+            self._open.difference_update((writer, up_writer))

@@ -402,6 +402,21 @@ class StrictKubernetesEmulator(kmock.KubernetesEmulator):
             if any(o.get("uid") == owner_uid for o in owners):
                 self._delete(key)
 
+    def _collect_if_orphaned(self, key: Key, obj: Mapping[str, Any]) -> None:
+        """The garbage collector removes an object all of whose owners are gone.
+
+        (A controller that read its owner just before the owner's deletion may still create
+        a child; on a cluster the GC deletes it shortly after, here at once.)
+        """
+        owners = {o.get("uid") for o in obj["metadata"].get("ownerReferences") or []}
+        if not self.garbage_collection or not owners:
+            return
+        live = {
+            item.raw["metadata"].get("uid") for item in self._objects.values() if not item.deleted
+        }
+        if not owners & live:
+            self._remove(key)
+
     def _delete(self, key: Key) -> dict[str, Any]:
         obj = self._require(key)
         meta = obj["metadata"]
@@ -472,6 +487,7 @@ class StrictKubernetesEmulator(kmock.KubernetesEmulator):
             obj = self._admit(res, obj, None, request)
             obj = self._stamp(obj)
             self._store(key, obj, "ADDED")
+            self._collect_if_orphaned(key, obj)
         return kmock.Response(status=201, payload=obj)
 
     async def _serve_fetch(self, request: kmock.Request) -> Any:

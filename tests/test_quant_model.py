@@ -1,0 +1,77 @@
+"""quantize_gguf_model on the engine's Transformer, for each tiny GGUF architecture.
+
+The reference is the same file loaded densely in float32 by the engine's own loader.
+`dense` policy in float32 must reproduce it to float32 rounding: that pins the plumbing
+(fused q|k|v and gate|up part order, llama's q/k un-permutation of quantized rows,
+biases, tied heads built from token_embd, the row-wise embedding). The kernel policies
+run in bf16 and must keep the greedy choice at (almost) every position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from modeldeploy.server.engine import quant, weights
+from modeldeploy.server.engine.model import KVCache, ModelSpec, Transformer
+from modeldeploy.server.formats import open_model
+
+pytestmark = pytest.mark.skipif(
+    not quant.cpu_kernels_available(), reason="torch build lacks the CPU int4/int8 kernels"
+)
+
+
+def load_pair(path, policy: str, dtype: torch.dtype):
+    files = open_model(path)
+    spec = ModelSpec.from_config(files.config, source=str(path))
+    arch = str(files.gguf.metadata.get("general.architecture", spec.architecture))
+    ref = Transformer(spec)
+    ref.materialize(torch.device("cpu"), torch.float32)
+    weights.load_gguf(ref, files.gguf, arch, str(path))
+    qmodel = Transformer(dataclasses.replace(spec, tie_word_embeddings=False))
+    report = quant.quantize_gguf_model(
+        qmodel,
+        files.gguf,
+        dtype=dtype,
+        policy=quant.QuantPolicy.parse(policy),
+        permuted=arch in weights.GGUF_PERMUTED_ARCHS,
+    )
+    qmodel.materialize(torch.device("cpu"), dtype)
+    # Norms and biases: the engine loader fills them; here copy them from the reference.
+    missing, _ = qmodel.load_state_dict(ref.state_dict(), strict=False)
+    assert not missing
+    return ref.eval(), qmodel.eval(), spec, report
+
+
+@torch.inference_mode()
+def logits(model, spec, tokens: torch.Tensor, dtype) -> torch.Tensor:
+    cache = KVCache(spec, 1, tokens.shape[1] + 1, dtype, torch.device("cpu"))
+    return model(tokens, torch.arange(tokens.shape[1])[None], [0], cache)[0].float()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_dense_policy_reproduces_the_engine_loader(tiny_models, arch, qtype):
+    ref, qm, spec, report = load_pair(tiny_models.gguf(arch, qtype), "dense", torch.float32)
+    assert "token_embd.weight" in report.consumed
+    assert all(s == ["dense"] for s in report.layers.values())
+    tokens = torch.randint(0, spec.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(
+        logits(qm, spec, tokens, torch.float32),
+        logits(ref, spec, tokens, torch.float32),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize(("qtype", "scheme"), [("Q4_0", "int4"), ("Q8_0", "int8")])
+def test_kernel_policy_keeps_greedy_choices(tiny_models, arch, qtype, scheme):
+    ref, qm, spec, report = load_pair(tiny_models.gguf(arch, qtype), "auto", torch.bfloat16)
+    wqkv = report.layers["layers.0.attn.wqkv"]
+    assert wqkv == [scheme]
+    tokens = torch.randint(0, spec.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
+    got, want = logits(qm, spec, tokens, torch.bfloat16), logits(ref, spec, tokens, torch.float32)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    assert (got - want).abs().max() <= 0.1 * want.abs().max()
