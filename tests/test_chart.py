@@ -362,7 +362,7 @@ def test_rbac_covers_every_resource_the_operator_touches(tmp_path: Path) -> None
     for ref in kubeapi.RESOURCES_BY_KIND.values():
         assert {"get", "create", "update"} <= rules[(ref.group, ref.plural)], ref
     assert {"list", "watch"} <= rules[(kubeapi.PODS.group, kubeapi.PODS.plural)]
-    md = handlers.MODELDEPLOYMENTS
+    md = handlers.MD_RESOURCE
     assert {"get", "list", "watch", "patch"} <= rules[(md.group, md.plural)]
     assert "patch" in rules[(md.group, f"{md.plural}/status")]
 

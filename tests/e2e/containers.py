@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dockerfile_parse import DockerfileParser
-from modeldeploy.server.contract import TERMINATION_LOG
+from modeldeploy.server.contract import ENV_PREFIX, TERMINATION_LOG
 from modeldeploy.server.http.settings import TERMINATION_LOG_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +40,8 @@ SERVER_DOCKERFILE = REPO_ROOT / "Dockerfile.server"
 BASE_IMAGE_PATH = "/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: The "pod IP": every pod of the fake node listens on loopback.
 POD_IP = "127.0.0.1"
+#: `modeldeploy serve --port` as an environment variable.
+PORT_ENV = f"{ENV_PREFIX}PORT"
 
 #: Reads one object from the emulator: (kind 'secrets'|'configmaps', namespace, name) -> obj.
 ObjectReader = Callable[[str, str, str], Mapping[str, Any] | None]
@@ -245,9 +247,8 @@ def build_launch(
         ports[str(port["containerPort"])] = local
         if port.get("name"):
             ports[port["name"]] = local
-    for var in ("MODELDEPLOY_PORT",):
-        if env.get(var, "").isdigit():
-            env[var] = str(port_map.get(int(env[var]), int(env[var])))
+    if env.get(PORT_ENV, "").isdigit():  # `serve` also takes its port from the environment
+        env[PORT_ENV] = str(port_map.get(int(env[PORT_ENV]), int(env[PORT_ENV])))
     container_dir.mkdir(parents=True, exist_ok=True)
     message_path = container.get("terminationMessagePath") or TERMINATION_LOG
     termination_log = container_dir / Path(message_path).name
