@@ -35,11 +35,12 @@ import httpx
 import openai
 import pytest
 import yaml
-from e2e.containers import Launch
 from e2e.discovery import serve_kubectl_discovery
 from e2e.informer import Informer
 from e2e.kubectl import Kubectl
-from e2e.kubelet import FakeKubelet, PodRunner
+from e2e.kubelet import FakeKubelet
+from e2e.launch import Launch
+from e2e.pods import PodRunner
 from e2e.service_proxy import ServiceProxy
 from fixtures.tiny_models import copy_model
 from kube.cluster import Cluster

@@ -206,3 +206,21 @@ def test_policy_names():
     assert QuantPolicy.parse("int8").scheme_for(Q.F16) == Scheme.DENSE
     with pytest.raises(QuantPolicyError, match="quant policy 'fp8'"):
         QuantPolicy.parse("fp8")
+
+
+def test_int4_codes_unpack_inverts_the_cpu_packer():
+    codes = torch.randint(0, 16, (192, 256), dtype=torch.uint8)
+    seg = quant._Int4(quant.pack_int4(codes), torch.ones(8, 192, 2, dtype=torch.bfloat16), 32)
+    assert torch.equal(seg.codes(), codes)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "m"),
+    [(Scheme.INT4, 2 * quant.DEQUANT_MIN_ROWS), (Scheme.INT8, quant.DEQUANT_MIN_ROWS)],
+)
+def test_prompt_sized_inputs_take_the_bf16_path_with_the_same_result(scheme, m):
+    w = torch.randn(128, 256)
+    layer = QuantLinear.from_float(w, scheme)
+    x = torch.randn(m, 256)
+    chunked = torch.cat([layer(x[i : i + 8]) for i in range(0, m, 8)])  # kernel path
+    torch.testing.assert_close(layer(x), chunked, rtol=2e-2, atol=2e-2 * chunked.abs().max().item())

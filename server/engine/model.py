@@ -310,24 +310,34 @@ class Attention(nn.Module):
         values = v_cache[step.read][:, :, : step.kv_len]
         q = q.transpose(1, 2)
         mask = step.masks[self.sliding]
-        if spec.attn_logit_softcapping:
-            out = self._softcapped(q, keys, values, mask)
+        if t == 1 or spec.attn_logit_softcapping:
+            out = self._eager(q, keys, values, mask)
         else:
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, scale=spec.attn_scale, enable_gqa=True
             )
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
-    def _softcapped(self, q, keys, values, mask) -> torch.Tensor:
-        """Eager attention for models that tanh-cap attention scores (SDPA cannot)."""
-        groups = self.spec.num_heads // self.spec.num_kv_heads
-        keys = keys.repeat_interleave(groups, dim=1)
-        values = values.repeat_interleave(groups, dim=1)
-        cap = self.spec.attn_logit_softcapping
-        scores = (q @ keys.transpose(-1, -2)).float() * self.spec.attn_scale
-        scores = torch.tanh(scores / cap) * cap
-        scores = scores.masked_fill(~mask, float("-inf"))
-        return (scores.softmax(-1).to(values.dtype)) @ values
+    def _eager(self, q, keys, values, mask) -> torch.Tensor:
+        """Grouped attention as two matmuls, softmax in float32.
+
+        Used for decode (one query per sequence), where CPU SDPA is 2-15x slower in bf16
+        (measured: 4.5 ms vs 0.3 ms for 8 sequences x 300 positions), and for models that
+        tanh-cap attention scores, which SDPA cannot do. Query heads are grouped onto their
+        shared KV head by a view, so K/V are never repeated.
+        """
+        spec = self.spec
+        b, h, t, d = q.shape
+        g = spec.num_heads // spec.num_kv_heads
+        qg = q.reshape(b, spec.num_kv_heads, g * t, d)
+        scores = (qg @ keys.transpose(-1, -2)).float() * spec.attn_scale
+        scores = scores.view(b, spec.num_kv_heads, g, t, -1)
+        if spec.attn_logit_softcapping:
+            cap = spec.attn_logit_softcapping
+            scores = torch.tanh(scores / cap) * cap
+        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+        probs = scores.softmax(-1).to(values.dtype).view(b, spec.num_kv_heads, g * t, -1)
+        return (probs @ values).view(b, h, t, d)
 
 
 class MLP(nn.Module):

@@ -63,8 +63,9 @@ KERNEL_DTYPE = torch.bfloat16
 GGUF_GROUP = 32
 #: From this many input rows on (prompt chunks, big decode batches) a layer dequantizes
 #: its weight to bf16 and runs a bf16 GEMM: the int kernels are tuned for small M and
-#: lose 4-5x to oneDNN's GEMM at M = 256 (bench/QUANT.md).
-DEQUANT_MIN_ROWS = 32
+#: lose 2-3x to oneDNN's GEMM at M = 256 (bench/QUANT.md). Unpacking int4 costs ~5x
+#: more than widening int8, so int4 layers switch at twice this.
+DEQUANT_MIN_ROWS = 64
 #: Rows converted per chunk, a multiple of int4pack's 64-row packing block; bounds the
 #: temporary float32/int32 copies to a few MB per chunk.
 CHUNK_ROWS = 1024
@@ -245,7 +246,7 @@ class _Int4:
         self.dtype = KERNEL_DTYPE
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] >= DEQUANT_MIN_ROWS and self.out_features % 64 == 0:
+        if x.shape[0] >= 2 * DEQUANT_MIN_ROWS and self.out_features % 64 == 0:
             return F.linear(x, self.weight_bf16())
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, self.packed, self.group, self.scale_zero
@@ -259,17 +260,19 @@ class _Int4:
         nibble of column k. Tests check this against the kernel itself.
         """
         n, k = self.out_features, self.packed.shape[1] * 2
-        blocks = self.packed.view(n // 64, k, 32)
-        both = torch.cat([blocks & 0x0F, blocks >> 4], dim=2)  # (n/64, k, 64 rows)
-        return both.transpose(1, 2).reshape(n, k)
+        blocks = self.packed.view(n // 64, k, 32).transpose(1, 2)  # (n/64, 32, k) strided
+        out = torch.empty(n // 64, 64, k, dtype=torch.uint8)
+        torch.bitwise_and(blocks, 0x0F, out=out[:, :32])
+        torch.bitwise_right_shift(blocks, 4, out=out[:, 32:])
+        return out.view(n, k)
 
     def weight_bf16(self) -> torch.Tensor:
         """The weight in bf16, for prompt chunks: there a bf16 GEMM beats the int4 kernel."""
         n, k = self.out_features, self.packed.shape[1] * 2
         scale = self.scale_zero[..., 0].T.unsqueeze(-1)  # (N, groups, 1)
-        zero = self.scale_zero[..., 1].T.unsqueeze(-1)
-        w = self.codes().view(n, -1, self.group).to(KERNEL_DTYPE).sub_(8).mul_(scale).add_(zero)
-        return w.view(n, k)
+        offset = self.scale_zero[..., 1].T.unsqueeze(-1) - 8 * scale  # w = q * scale + offset
+        q = self.codes().view(n, -1, self.group).to(KERNEL_DTYPE)
+        return q.mul_(scale).add_(offset).view(n, k)
 
     def dense(self) -> torch.Tensor:
         """The weight this segment multiplies by (float32), for checks and fallbacks."""

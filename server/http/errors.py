@@ -39,6 +39,9 @@ ERROR_TYPES: dict[int, str] = {
 }
 
 
+_FASTAPI_PARSE_ERROR = "There was an error parsing the body"
+
+
 class ApiError(Exception):
     """An error response decided by the HTTP layer (status, message, machine code)."""
 
@@ -212,6 +215,9 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"{_request.url.path}: no such endpoint"
         elif exc.status_code == 405:
             message = f"{_request.method} is not allowed on {_request.url.path}"
+        elif exc.status_code == 400 and message == _FASTAPI_PARSE_ERROR:
+            # FastAPI's words when json.loads itself fails (deep nesting, huge numbers)
+            message = "request body is not valid JSON (too deeply nested, or a number too long)"
         return error_response(exc.status_code, message, headers=headers)
 
     app.add_exception_handler(RequestValidationError, on_validation)

@@ -15,9 +15,9 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from e2e.containers import POD_IP
 from e2e.informer import Informer
 from e2e.kubelet import FakeKubelet
+from e2e.launch import POD_IP
 
 SERVICES_PATH = "/api/v1/services"
 _CHUNK = 65536

@@ -1,0 +1,93 @@
+"""schemathesis against a live server's own /openapi.json, with a fixed budget per operation.
+
+Every operation gets `max_examples` schema-valid cases (positive) and as many schema-breaking
+ones (negative). Each response must not be a 5xx, must use a documented status code and
+content type, and must match its documented schema and headers. All failures are collected
+(not just the first), each as one line a human can replay with curl.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
+]
+
+#: Inputs left out because they trip a known, reported engine bug (STATUS.md, reliability
+#: findings): 0 < temperature < 1e-6 overflows the logits and poisons the model, which would
+#: turn every later case into a 503 and hide everything else. Remove once fixed; the strict
+#: xfail test in test_reliability_http.py says when.
+KNOWN_BUG_TEMPERATURE = 1e-6
+
+
+def _known_bug(body: Any) -> bool:
+    if isinstance(body, dict):
+        t = body.get("temperature")
+        return isinstance(t, float | int) and not isinstance(t, bool) and 0 < t < 1e-6
+    return False
+
+
+def run_schemathesis(
+    url: str, headers: dict[str, str], max_examples: int, timeout: float = 60
+) -> dict[str, Any]:
+    """Fuzz every operation; return {"operations", "cases", "statuses", "failures"}."""
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    failures: list[str] = []
+    statuses: dict[int, int] = {}
+    cases = 0
+    operations = 0
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        operations += 1
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @settings(
+                max_examples=max_examples,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
+            def fuzz(case: schemathesis.Case) -> None:
+                nonlocal cases
+                if _known_bug(getattr(case, "body", None)):
+                    return
+                cases += 1
+                response = case.call(base_url=url, headers=headers, timeout=timeout)
+                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                try:
+                    case.validate_response(response, checks=CHECKS)
+                except Exception as exc:  # FailureGroup or AssertionError: record, go on
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                    failures.append(
+                        f"{operation.label} [{mode.value}] -> {response.status_code}: {first} "
+                        f"| {case.as_curl_command(headers=headers)}"
+                    )
+
+            try:
+                fuzz()
+            except Unsatisfiable:  # nothing to break (no parameters, no body): no negative case
+                assert mode is GenerationMode.NEGATIVE, operation.label
+    return {
+        "operations": operations,
+        "cases": cases,
+        "statuses": dict(sorted(statuses.items())),
+        "failures": failures,
+    }
