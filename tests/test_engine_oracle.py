@@ -153,43 +153,70 @@ def test_config_variants_match_transformers(tiny_models, tmp_path, arch, config)
         engine.close()
 
 
-def test_qwen3_moe_matches_transformers(tiny_models, tmp_path) -> None:
-    """qwen3_moe has no tiny fixture: transformers builds a random one (hub layout, experts
-    stored one by one), with the tiny qwen3 tokenizer beside it."""
+def _random_hf_model(tiny_models, tmp_path, config, **extra_json):
+    """A random transformers model saved in hub layout, with the tiny qwen3 tokenizer beside it
+    (for layouts the tiny fixtures do not cover). Weights get a useful scale: the default
+    init is so small that every logit is ~0."""
     import json
     import shutil
 
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+    out = tmp_path / config.model_type
+    hf.save_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(extra_json)
+    (out / "config.json").write_text(json.dumps(cfg))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_models.hf("qwen3") / name, out / name)
+    return hf, out
+
+
+SMALL = {
+    "vocab_size": 448,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+}
+
+
+def test_qwen3_moe_matches_transformers(tiny_models, tmp_path) -> None:
+    """qwen3_moe has no tiny fixture; experts are stored one by one, as on the hub."""
     cfg = transformers.Qwen3MoeConfig(
-        vocab_size=448,
-        hidden_size=64,
-        intermediate_size=128,
+        **SMALL,
         moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=32,
         num_experts=8,
         num_experts_per_tok=2,
         norm_topk_prob=True,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() > 1:  # the default init is so small that every logit is ~0
-                p.normal_(0.0, 0.3)
-    out = tmp_path / "tiny-qwen3-moe"
-    hf.save_pretrained(out)
-    config = json.loads((out / "config.json").read_text())
-    config.setdefault("num_experts", 8)  # hub spelling (transformers 5 writes num_local_experts)
-    (out / "config.json").write_text(json.dumps(config))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny_models.hf("qwen3") / name, out / name)
-    engine = Engine.load(out, dtype="float32", device="cpu", max_concurrent=1, max_model_len=128)
+    # hub spelling (transformers 5 writes num_local_experts)
+    hf, path = _random_hf_model(tiny_models, tmp_path, cfg, num_experts=8)
+    engine = Engine.load(path, dtype="float32", device="cpu", max_concurrent=1, max_model_len=128)
     try:
         assert engine.spec.num_experts == 8
+        _check(engine, hf)
+    finally:
+        engine.close()
+
+
+def test_llama_with_attention_biases_matches_transformers(tiny_models, tmp_path) -> None:
+    """llama's `attention_bias` puts biases on q, k, v and o (qwen2's only on q, k, v)."""
+    cfg = transformers.LlamaConfig(**SMALL, attention_bias=True)
+    hf, path = _random_hf_model(tiny_models, tmp_path, cfg)
+    engine = Engine.load(path, dtype="float32", device="cpu", max_concurrent=1, max_model_len=128)
+    try:
+        assert engine.model.layers[0].attn.wo.bias is not None
         _check(engine, hf)
     finally:
         engine.close()

@@ -106,6 +106,16 @@ def test_bad_input_exit_is_failed_at_once() -> None:
     assert obs.message == "harvest: hf://x/y: repository not found"
 
 
+def test_retry_of_a_bad_input_harvest_stays_failed() -> None:
+    """A re-run of a harvest that exited 2 on the same input must not flip back to Harvesting."""
+    _, obs = _observe(1, 0, pods.harvest_retrying(2, "hf://x/y: repository not found"))
+    assert (obs.phase, obs.reason) == ("Failed", "HarvestFailed")
+    assert obs.message == "harvest: hf://x/y: repository not found"
+    # A retry after a transient failure (exit 1: network) is real progress.
+    _, obs = _observe(1, 0, pods.harvest_retrying(1, "connection reset"))
+    assert obs.phase == "Harvesting"
+
+
 def test_a_single_kill_is_not_a_failure() -> None:
     """SIGKILL (137) or a crash: the kubelet restarts the container; only a back-off fails."""
     _, obs = _observe(1, 0, pods.server_exited(137))

@@ -75,3 +75,24 @@ def test_kernel_policy_keeps_greedy_choices(tiny_models, arch, qtype, scheme):
     got, want = logits(qm, spec, tokens, torch.bfloat16), logits(ref, spec, tokens, torch.float32)
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
     assert (got - want).abs().max() <= 0.1 * want.abs().max()
+
+
+def test_conversion_cache_is_written_once_and_gives_the_same_model(tiny_models, tmp_path):
+    path = tiny_models.gguf("qwen2", "Q4_0")
+    files = open_model(path)
+    spec = dataclasses.replace(ModelSpec.from_config(files.config), tie_word_embeddings=False)
+    tokens = torch.randint(0, spec.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+    outs, reports = [], []
+    ref, _, _, _ = load_pair(path, "dense", torch.float32)
+    for _ in range(2):
+        model = Transformer(spec)
+        reports.append(
+            quant.quantize_gguf_model(model, files.gguf, dtype=torch.bfloat16, cache_dir=tmp_path)
+        )
+        model.materialize(torch.device("cpu"), torch.bfloat16)
+        model.load_state_dict(ref.state_dict(), strict=False)
+        outs.append(logits(model.eval(), spec, tokens, torch.bfloat16))
+    assert [r.cache_hit for r in reports] == [False, True]
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+    assert reports[0].layers == reports[1].layers
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)

@@ -33,6 +33,8 @@ HF_SECRET = "hf_reliabilitySecretToken9d2b"
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 MAX_CONCURRENT = 8
 MAX_QUEUE = 16
+#: Keeps every fuzzed request short (a schema-valid request may ask for the whole context).
+MAX_MODEL_LEN = 96
 
 TEMPLATE = """\
 {%- if mode == 'escape' %}{{ ''.__class__.__mro__[1].__subclasses__() }}
@@ -56,6 +58,9 @@ def served(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
     (repo / "tiny-F32.gguf").write_bytes(tiny_models.gguf("qwen2", "F32").read_bytes())
     (root / "keys").write_text(f"{API_KEY}\n")
     (root / "template.jinja").write_text(TEMPLATE)
+    home, tmp = root / "home", root / "tmp"
+    home.mkdir()
+    tmp.mkdir()
     with HubServer(root / "hub", tokens={"org/Tiny-GGUF": HF_SECRET}) as hub:
         proc = ServerProcess(
             "hf://org/Tiny-GGUF",
@@ -65,11 +70,15 @@ def served(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
             "--max-queue", str(MAX_QUEUE),
             "--chat-template", str(root / "template.jinja"),
             "--timeout", "120",
+            "--max-model-len", str(MAX_MODEL_LEN),
             "--log-level", "debug",
             "--cache-dir", str(root / "hf-cache"),
-            env={"HF_ENDPOINT": hub.url, "HF_TOKEN": HF_SECRET},
+            # HOME and TMPDIR empty: what lands there would be a write outside the volumes
+            env={"HF_ENDPOINT": hub.url, "HF_TOKEN": HF_SECRET, "HOME": str(home),
+                 "TMPDIR": str(tmp), "XDG_CACHE_HOME": ""},
             cache_root=root / "cache",
         )  # fmt: skip
+        proc.home = home  # type: ignore[attr-defined]
         try:
             proc.wait_ready(timeout=180)
             assert hub.downloads() == ["org/Tiny-GGUF/tiny-F32.gguf"], hub.requests
@@ -238,13 +247,13 @@ def test_clients_leaving_at_random_points_free_their_slots(
     before = busy(http)
     tokens_before = _generated(http)
     for seed in range(2):
-        what = asyncio.run(disconnect_at_random(served.url, HEADERS, 24, 200, seed))
+        what = asyncio.run(disconnect_at_random(served.url, HEADERS, 24, 64, seed))
         idle_after = wait_idle(http, within=5)
         print(f"\ndisconnects (seed {seed}): all slots free {idle_after:.2f}s after the last left")
         assert len(what) == 24
     assert before == (0, 0)
-    # cancelled, not run to the end: 48 streams of 200 tokens would be 9600
-    assert _generated(http) - tokens_before < 48 * 200
+    # cancelled, not run to the end: 48 streams of 64 tokens would be 3072
+    assert _generated(http) - tokens_before < 48 * 64
     ok = http.post("/v1/completions", json={"prompt": "still here", "max_tokens": 2})
     assert ok.status_code == 200
 
@@ -272,6 +281,17 @@ def test_logs_never_contain_the_hf_token_or_the_api_key(
     for line in served.lines:
         assert API_KEY not in line and HF_SECRET not in line, line
         assert "hf_reliability" not in line and "sk-reliability" not in line, line
+
+
+def test_the_server_writes_nothing_outside_its_volumes(
+    served: ServerProcess, http: httpx.Client
+) -> None:
+    """The pod's root filesystem is read-only: after all the traffic above, HOME holds
+    nothing (no ~/.cache of torch, triton, huggingface or anyone else)."""
+    assert http.get("/health").status_code == 200
+    home: Path = served.home  # type: ignore[attr-defined]
+    written = sorted(p.relative_to(home) for p in home.rglob("*"))
+    assert written == [], f"written under HOME: {written[:10]}"
 
 
 # ---- last: SIGTERM during 16 streams ---------------------------------------------------

@@ -166,7 +166,8 @@ class Engine:
             self.placement.reason,
         )
         model_ctx = int(files.config.max_position_embeddings)
-        self.max_model_len = self._choose_max_len(max_model_len, model_ctx, max_concurrent)
+        if max_model_len is not None:  # bad flags fail before the slow part
+            self._choose_max_len(max_model_len, model_ctx, max_concurrent)
         self.max_prompt_tokens = max_prompt_tokens
         self.max_concurrent = max_concurrent
         self.prefill_chunk = prefill_chunk
@@ -182,6 +183,8 @@ class Engine:
             weights.load_safetensors(model, files.safetensors, str(files.path), progress)
         model.eval()
         self.model = model
+        # sized after the weights are in place, so "free memory" excludes them
+        self.max_model_len = self._choose_max_len(max_model_len, model_ctx, max_concurrent)
         self.cache = KVCache(self.spec, max_concurrent, self.max_model_len, dt, dev)
 
         tok_dir = Path(slug_dir) if slug_dir else files.model_dir

@@ -71,7 +71,8 @@ class ModelSpec:
     sliding_window: int | None
     layer_sliding: tuple[bool, ...]
     tie_word_embeddings: bool
-    attention_bias: bool
+    attention_bias: bool  # biases on q/k/v
+    output_bias: bool  # bias on o_proj (llama/mistral/qwen3/gemma3 `attention_bias`, not qwen2)
     qk_norm: bool
     attn_scale: float
     final_logit_softcapping: float | None
@@ -134,6 +135,7 @@ class ModelSpec:
             layer_sliding=sliding,
             tie_word_embeddings=bool(cfg.tie_word_embeddings),
             attention_bias=bool(cfg.attention_bias) or arch == "qwen2",
+            output_bias=bool(cfg.attention_bias) and arch != "qwen2",
             qk_norm=bool(cfg.qk_norm) or arch in ("qwen3", "qwen3_moe", "gemma3"),
             attn_scale=float(qpas) ** -0.5 if (gemma and qpas) else head_dim**-0.5,
             final_logit_softcapping=getattr(cfg, "final_logit_softcapping", None) or None,
@@ -152,6 +154,21 @@ class ModelSpec:
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V per position per sequence, per element size 1 (times dtype size)."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+
+class Linear(nn.Linear):
+    """nn.Linear without random initialisation: the loader overwrites every weight, and
+    initialising on the meta device runs through torch._refs, importing torch._dynamo (7 s)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding without random initialisation (see `Linear`)."""
+
+    def reset_parameters(self) -> None:
+        pass
 
 
 def activation(name: str):
@@ -257,6 +274,13 @@ class KVCache:
                 t[s, :, self.clean[s] : end].zero_()
             self.clean[s] = end
 
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy positions [0, length) of slot `src` into slot `dst` (slot compaction)."""
+        if length > 0:
+            for t in (*self.k, *self.v):
+                t[dst, :, :length] = t[src, :, :length]
+        self.clean[dst] = max(self.clean[dst], length)
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
@@ -283,10 +307,8 @@ class Attention(nn.Module):
         self.sliding = sliding
         nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.sizes = (nh * hd, nkv * hd, nkv * hd)
-        self.wqkv = nn.Linear(
-            spec.hidden_size, sum(self.sizes), bias=spec.attention_bias, device=META
-        )
-        self.wo = nn.Linear(nh * hd, spec.hidden_size, bias=False, device=META)
+        self.wqkv = Linear(spec.hidden_size, sum(self.sizes), bias=spec.attention_bias, device=META)
+        self.wo = Linear(nh * hd, spec.hidden_size, bias=spec.output_bias, device=META)
         if spec.qk_norm:
             self.q_norm = RMSNorm(hd, spec.rms_norm_eps, spec.norm_unit_offset)
             self.k_norm = RMSNorm(hd, spec.rms_norm_eps, spec.norm_unit_offset)
@@ -346,8 +368,8 @@ class MLP(nn.Module):
     def __init__(self, hidden: int, inter: int, act: str) -> None:
         super().__init__()
         self.inter = inter
-        self.w13 = nn.Linear(hidden, 2 * inter, bias=False, device=META)
-        self.w2 = nn.Linear(inter, hidden, bias=False, device=META)
+        self.w13 = Linear(hidden, 2 * inter, bias=False, device=META)
+        self.w2 = Linear(inter, hidden, bias=False, device=META)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -362,7 +384,7 @@ class MoE(nn.Module):
         super().__init__()
         e, h, m = spec.num_experts, spec.hidden_size, spec.moe_intermediate_size
         self.spec = spec
-        self.gate = nn.Linear(h, e, bias=False, device=META)
+        self.gate = Linear(h, e, bias=False, device=META)
         self.w13 = nn.Parameter(torch.empty(e, 2 * m, h, device=META), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(e, h, m, device=META), requires_grad=False)
         self.act = activation(spec.hidden_act)
@@ -421,10 +443,10 @@ class Transformer(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size, device=META)
+        self.embed = Embedding(spec.vocab_size, spec.hidden_size, device=META)
         self.layers = nn.ModuleList(Block(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_unit_offset)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, device=META)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False, device=META)
         self.inv_freq: dict[bool, torch.Tensor] = {}
 
     def materialize(self, device: torch.device, dtype: torch.dtype) -> None:

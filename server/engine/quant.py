@@ -35,10 +35,15 @@ alone; biases stay ordinary parameters so the normal loader fills them.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,12 +51,17 @@ import torch
 import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
+from modeldeploy.server.contract import ENV_PREFIX
 from modeldeploy.server.errors import UserInputError
 from torch import nn
 
 log = logging.getLogger("modeldeploy.engine")
 
 Q = GGMLQuantizationType
+
+#: Environment: the policy name (`QuantPolicy.parse`) and "0" to disable the conversion cache.
+POLICY_ENV = ENV_PREFIX + "QUANT_POLICY"
+CACHE_ENV = ENV_PREFIX + "QUANT_CACHE"
 
 #: GGUF types whose blocks are int4pack groups of 32 with no loss.
 EXACT_INT4_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q4_K})
@@ -328,6 +338,28 @@ class _Dense:
         return _nbytes(self.weight)
 
 
+def segment_state(seg: _Int4 | _Int8 | _Dense) -> dict[str, Any]:
+    """A segment as plain tensors/ints (what the conversion cache stores)."""
+    if isinstance(seg, _Int4):
+        return {
+            "scheme": "int4",
+            "packed": seg.packed,
+            "scale_zero": seg.scale_zero,
+            "group": seg.group,
+        }
+    if isinstance(seg, _Int8):
+        return {"scheme": "int8", "weight": seg.weight, "scales": seg.scales}
+    return {"scheme": "dense", "weight": seg.weight}
+
+
+def segment_from_state(state: dict[str, Any]) -> _Int4 | _Int8 | _Dense:
+    if state["scheme"] == "int4":
+        return _Int4(state["packed"], state["scale_zero"], int(state["group"]))
+    if state["scheme"] == "int8":
+        return _Int8(state["weight"], state["scales"])
+    return _Dense(state["weight"])
+
+
 def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -594,13 +626,76 @@ class QuantReport:
     consumed: set[str] = field(default_factory=set)
     layers: dict[str, list[str]] = field(default_factory=dict)  # module -> schemes
     nbytes: int = 0
+    cache: str | None = None
+    cache_hit: bool = False
 
     def summary(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
         for schemes in self.layers.values():
             for s in schemes:
                 counts[s] = counts.get(s, 0) + 1
-        return {"layers": len(self.layers), "segments": counts, "bytes": self.nbytes}
+        return {
+            "layers": len(self.layers),
+            "segments": counts,
+            "bytes": self.nbytes,
+            "cache_hit": self.cache_hit,
+        }
+
+
+#: Bump when the stored layout changes; part of the cache key.
+CACHE_FORMAT = 1
+
+
+def conversion_cache_file(
+    cache_dir: Path, gguf_path: Path, policy: QuantPolicy, dtype: torch.dtype
+) -> Path:
+    """Where the converted layers of this file/policy/torch build are cached.
+
+    Keyed by the file's identity (resolved path, size, mtime) rather than a hash of its
+    bytes: hashing 500 MB would cost the time the cache saves.
+    """
+    st = gguf_path.stat()
+    key = json.dumps(
+        [
+            str(gguf_path.resolve()),
+            st.st_size,
+            st.st_mtime_ns,
+            policy.requant.value,
+            policy.floats.value,
+            policy.keep_int4,
+            str(dtype),
+            torch.__version__,
+            CACHE_FORMAT,
+        ]
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir / f"{gguf_path.stem}-{digest}.pt"
+
+
+def _load_cache(path: Path, modules: set[str]) -> dict[str, Any] | None:
+    """The cached layers, memory-mapped (no read at load), or None if absent/unusable."""
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, mmap=True, weights_only=True)
+    except Exception as exc:  # a truncated or foreign file is a cache miss, not an error
+        log.warning("ignoring quantization cache %s: %s", path, exc)
+        return None
+    if not isinstance(data, dict) or set(data) != modules:
+        return None
+    return data
+
+
+def _save_cache(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically (temp file + rename); a read-only cache dir only costs speed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(data, f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("could not write quantization cache %s: %s", path, exc)
 
 
 def quantize_gguf_model(
@@ -613,6 +708,7 @@ def quantize_gguf_model(
     permuted: bool = False,
     quantize_embedding: bool = True,
     progress: Callable[[int, int, str], None] | None = None,
+    cache_dir: Path | None = None,
 ) -> QuantReport:
     """Swap the model's 2-D projection layers for QuantLinear built from GGUF bytes.
 
@@ -621,6 +717,8 @@ def quantize_gguf_model(
     load the remaining tensors as usual, skipping `report.consumed`. Biases of swapped
     layers remain parameters named as before (`...wqkv.bias`) for the loader to fill.
     `permuted=True` undoes llama.cpp's q/k row permutation (llama/mistral files).
+    With `cache_dir` (CPU only) the converted layers are saved there on the first load
+    and memory-mapped on the next ones, so a restart skips the conversion entirely.
     """
     from modeldeploy.server.engine.weights import _part_rows, gguf_target, unpermute_qk
 
@@ -662,20 +760,36 @@ def quantize_gguf_model(
         )
         by_module["lm_head"] = [(0, part)]
 
+    for module_name, parts in list(by_module.items()):
+        parts.sort(key=lambda op: op[0])
+        if sum(p.shape[0] for _, p in parts) != model.get_submodule(module_name).out_features:
+            del by_module[module_name]  # partial checkpoint: let the normal loader report it
+
+    cache_file = cached = None
+    if cache_dir is not None and torch.device(device).type == "cpu" and gguf.path:
+        cache_file = conversion_cache_file(Path(cache_dir), Path(gguf.path), policy, dtype)
+        cached = _load_cache(cache_file, set(by_module))
+        log.info("quantization cache %s: %s", "hit" if cached else "miss", cache_file)
+    fresh: dict[str, Any] = {}
     total = len(by_module)
     for done, (module_name, parts) in enumerate(by_module.items(), 1):
         module = model.get_submodule(module_name)
-        parts.sort(key=lambda op: op[0])
-        rows = sum(p.shape[0] for _, p in parts)
-        if rows != module.out_features:
-            continue  # partial checkpoint: let the normal loader report it
-        layer = QuantLinear.from_gguf_parts(
-            [p for _, p in parts],
-            dtype,
-            device=device,
-            bias=module.bias is not None,
-            policy=policy,
-        )
+        if cached is not None:
+            entry = cached[module_name]
+            segments = [segment_from_state(st) for st in entry["segments"]]
+            layer = QuantLinear(segments, int(entry["in_features"]), module.bias is not None)
+        else:
+            layer = QuantLinear.from_gguf_parts(
+                [p for _, p in parts],
+                dtype,
+                device=device,
+                bias=module.bias is not None,
+                policy=policy,
+            )
+            fresh[module_name] = {
+                "in_features": layer.in_features,
+                "segments": [segment_state(seg) for seg in layer.segments],
+            }
         if module.bias is not None:  # stays where the model's parameters are (meta: unfilled)
             layer.bias = nn.Parameter(torch.empty_like(module.bias), requires_grad=False)
         parent, _, child = module_name.rpartition(".")
@@ -685,6 +799,10 @@ def quantize_gguf_model(
         report.nbytes += layer.nbytes
         if progress:
             progress(done, total, "quantized layers")
+    if cache_file is not None and cached is None and fresh:
+        _save_cache(cache_file, fresh)
+    report.cache = str(cache_file) if cache_file else None
+    report.cache_hit = cached is not None
 
     if quantize_embedding and embed_info is not None and isinstance(model.embed, nn.Embedding):
         model.embed = QuantEmbedding(

@@ -17,6 +17,8 @@ import torch
 from modeldeploy.server.engine.errors import InvalidSamplingParamsError
 
 MAX_TOP_LOGPROBS = 20
+#: Candidates top-p looks at before falling back to sorting the whole vocabulary.
+TOP_P_CANDIDATES = 1024
 
 
 @dataclass
@@ -136,23 +138,43 @@ class RequestSampler:
 
     def choose(self, row: torch.Tensor) -> int:
         """Draw a token from one (already penalized) float32 logits row."""
-        p = self.params
-        if p.greedy:
+        if self.params.greedy:
             return int(row.argmax())
-        row = row / p.temperature
-        if p.top_k > 0 and p.top_k < row.shape[-1]:
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
+        idx, probs = candidates(row, self.params)
+        choice = int(torch.multinomial(probs, 1, generator=self.generator))
+        return int(idx[choice]) if idx is not None else choice
+
+
+def candidates(row: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Token ids (None = the whole vocabulary) and their unnormalised sampling weights after
+    temperature, top-k, top-p and min-p (that order, as transformers and vLLM apply them).
+
+    Works on the few tokens that can survive instead of sorting the whole vocabulary (24 ms
+    per row for 152k tokens here): top-p first tries the `TOP_P_CANDIDATES` best tokens and
+    falls back to a full sort only when their share of the full distribution is below top_p,
+    so the result is exact.
+    """
+    row = row / p.temperature
+    vocab = row.shape[-1]
+    idx: torch.Tensor | None = None
+    if 0 < p.top_k < vocab:
+        vals, idx = torch.topk(row, p.top_k)  # sorted, descending
+        probs = vals.softmax(-1)
+    elif p.top_p < 1.0:
+        lse = torch.logsumexp(row, -1)
+        vals, idx = torch.topk(row, min(vocab, TOP_P_CANDIDATES))
+        probs = (vals - lse).exp()
+        if float(probs.sum()) < p.top_p:  # a flat distribution: the nucleus is wider
+            vals, idx = row.sort(descending=True)
+            probs = (vals - lse).exp()
+    else:
         probs = row.softmax(-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            cum = sorted_probs.cumsum(-1)
-            drop = (cum - sorted_probs) > p.top_p  # keep the token that crosses top_p
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        if p.min_p > 0.0:
-            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+    if p.top_p < 1.0:  # sorted descending; shares of the whole (or top-k) distribution
+        before = probs.cumsum(-1) - probs
+        probs = probs.masked_fill(before > p.top_p, 0.0)
+    if p.min_p > 0.0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    return idx, probs
 
 
 def sample_batch(logits: torch.Tensor, samplers: list[RequestSampler]) -> list[TokenChoice]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from modeldeploy.server.engine.errors import ModelPoisonedError
+from modeldeploy.server.engine.errors import EngineClosedError, ModelPoisonedError
 from modeldeploy.server.engine.model import KVCache, Transformer
 from modeldeploy.server.engine.sampling import (
     RequestSampler,
@@ -141,6 +141,8 @@ class Scheduler:
         with self.cond:
             if self.poison_reason is not None:
                 raise ModelPoisonedError(self.poison_reason)
+            if self._stopped:
+                raise EngineClosedError("the engine is shut down")
             self.waiting.append(seq)
             self.cond.notify()
 
@@ -166,24 +168,33 @@ class Scheduler:
             )
 
     def stop(self) -> None:
+        """Stop the thread; requests still in flight end with EngineClosedError."""
         with self.cond:
             self._stopped = True
             self.cond.notify()
         self.thread.join(timeout=30)
+        with self.cond:
+            victims = [*self.running, *self.waiting]
+            self.running.clear()
+            self.waiting.clear()
+        for seq in victims:
+            seq.done = True
+            if not seq.cancelled:
+                seq.sink(EngineClosedError("the engine was shut down before this request finished"))
 
     # ---- the scheduler thread ----------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
-            with self.cond:
-                while not self._stopped and not self._admit():
-                    self.cond.wait()
-                if self._stopped:
-                    return
             try:
                 with torch.inference_mode():
+                    with self.cond:  # admission may move K/V (compaction): device work too
+                        while not self._stopped and not self._admit():
+                            self.cond.wait()
+                        if self._stopped:
+                            return
                     self._step()
-            except Exception as exc:
+            except Exception as exc:  # any failure here leaves the device state unknown
                 self._poison(exc)
                 return
 
@@ -202,11 +213,23 @@ class Scheduler:
         return bool(self.running)
 
     def _release(self, seq: Sequence) -> None:
+        """Take a sequence out and keep the occupied slots contiguous from 0.
+
+        The highest occupant moves into the freed slot (one copy of its cached K/V), so a
+        decode batch reads its rows' caches as one slice instead of gathering every row's
+        whole history at every step. Runs on the scheduler thread only.
+        """
         seq.done = True
-        if seq in self.running:
-            self.running.remove(seq)
-            self.free_slots.append(seq.slot)
-            self.free_slots.sort()
+        if seq not in self.running:
+            return
+        self.running.remove(seq)
+        freed = seq.slot
+        top = max(self.running, key=lambda s: s.slot, default=None)
+        if top is not None and top.slot > freed:
+            self.cache.move(top.slot, freed, top.cached)
+            top.slot, freed = freed, top.slot
+        self.free_slots.append(freed)
+        self.free_slots.sort()
 
     def _step(self) -> None:
         if self._fault_pending:

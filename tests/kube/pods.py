@@ -180,6 +180,19 @@ def harvest_exited(code: int, message: str) -> dict[str, Any]:
     )
 
 
+def harvest_retrying(code: int, message: str, *, restarts: int = 1) -> dict[str, Any]:
+    """The kubelet re-runs a harvest init container that exited with `code` before."""
+    return _status(
+        "Pending",
+        _container(
+            "harvest", _running(), restarts=restarts, last=_terminated(code, "Error", message)
+        ),
+        _container("server", _waiting("PodInitializing")),
+        initialized=False,
+        ready=False,
+    )
+
+
 def image_pull_backoff(image: str) -> dict[str, Any]:
     return _status(
         "Pending",

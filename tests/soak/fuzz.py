@@ -49,45 +49,49 @@ def run_schemathesis(
 ) -> dict[str, Any]:
     """Fuzz every operation; return {"operations", "cases", "statuses", "failures"}."""
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
-    failures: list[str] = []
-    statuses: dict[int, int] = {}
-    cases = 0
-    operations = 0
+    tally: dict[str, Any] = {"operations": 0, "cases": 0, "statuses": {}, "failures": []}
     for result in schema.get_all_operations():
         operation = result.ok()
-        operations += 1
+        tally["operations"] += 1
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-
-            @given(case=operation.as_strategy(generation_mode=mode))
-            @settings(
-                max_examples=max_examples,
-                deadline=None,
-                database=None,
-                suppress_health_check=list(HealthCheck),
-            )
-            def fuzz(case: schemathesis.Case) -> None:
-                nonlocal cases
-                if _known_bug(getattr(case, "body", None)):
-                    return
-                cases += 1
-                response = case.call(base_url=url, headers=headers, timeout=timeout)
-                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-                try:
-                    case.validate_response(response, checks=CHECKS)
-                except Exception as exc:  # FailureGroup or AssertionError: record, go on
-                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                    failures.append(
-                        f"{operation.label} [{mode.value}] -> {response.status_code}: {first} "
-                        f"| {case.as_curl_command(headers=headers)}"
-                    )
-
             try:
-                fuzz()
+                _fuzz_operation(operation, mode, url, headers, max_examples, timeout, tally)
             except Unsatisfiable:  # nothing to break (no parameters, no body): no negative case
                 assert mode is GenerationMode.NEGATIVE, operation.label
-    return {
-        "operations": operations,
-        "cases": cases,
-        "statuses": dict(sorted(statuses.items())),
-        "failures": failures,
-    }
+    tally["statuses"] = dict(sorted(tally["statuses"].items()))
+    return tally
+
+
+def _fuzz_operation(
+    operation: schemathesis.APIOperation,
+    mode: GenerationMode,
+    url: str,
+    headers: dict[str, str],
+    max_examples: int,
+    timeout: float,
+    tally: dict[str, Any],
+) -> None:
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    def fuzz(case: schemathesis.Case) -> None:
+        if _known_bug(getattr(case, "body", None)):
+            return
+        tally["cases"] += 1
+        response = case.call(base_url=url, headers=headers, timeout=timeout)
+        statuses = tally["statuses"]
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        try:
+            case.validate_response(response, checks=CHECKS)
+        except Exception as exc:  # FailureGroup or AssertionError: record, go on
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            tally["failures"].append(
+                f"{operation.label} [{mode.value}] -> {response.status_code}: {first} "
+                f"| {case.as_curl_command(headers=headers)}"
+            )
+
+    fuzz()

@@ -82,9 +82,7 @@ def _check_body(body: dict[str, Any]) -> str | None:
     return None
 
 
-async def one_client(
-    http: httpx.AsyncClient, stream: bool, max_tokens: int, chat: bool
-) -> Outcome:
+async def one_client(http: httpx.AsyncClient, stream: bool, max_tokens: int, chat: bool) -> Outcome:
     path = "/v1/chat/completions" if chat else "/v1/completions"
     body = {**(CHAT if chat else COMPLETION), "max_tokens": max_tokens, "stream": stream}
     body["ignore_eos"] = True
