@@ -67,7 +67,20 @@ def open_within_bounds(path: Path) -> str:
     finally:
         tracemalloc.stop()
     assert peak < ALLOC_BOUND, f"opening {path.name} allocated {peak} bytes at peak"
+    PEAKS.append(peak)
     return outcome
+
+
+#: Every measured peak, for the figure printed at the end of the module.
+PEAKS: list[int] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_peaks():
+    yield
+    if PEAKS:
+        print(f"\nformats fuzz: {len(PEAKS)} files opened, tracemalloc peak max "
+              f"{max(PEAKS) / 2**20:.2f} MiB (bound {ALLOC_BOUND / 2**20:.0f} MiB)")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------
