@@ -244,6 +244,14 @@ def fill_slug_dir(
     source = resolved.source
     slug = slug_for(source, resolved.ref, resolved.quant)
     slug_dir = Path(slug_root).absolute() / slug
+    if slug_dir.is_symlink():
+        # Never ours (we only make directories here): following a link planted on the shared
+        # volume would write our links and record into its target. Replace it.
+        log.warning(
+            "slug directory is a symlink; replacing it",
+            extra={"slug_dir": str(slug_dir), "target": os.readlink(slug_dir)},
+        )
+        os.unlink(slug_dir)
     slug_dir.mkdir(parents=True, exist_ok=True)
     with _locked(slug_dir):
         # The record goes first: from here until it is rewritten the directory is

@@ -9,6 +9,7 @@ import pytest
 from engine_helpers import collect, one_torch_thread, run
 from modeldeploy.server.engine.engine import Engine
 from modeldeploy.server.engine.errors import (
+    ChatTemplateError,
     EngineClosedError,
     InvalidSamplingParamsError,
     ModelPoisonedError,
@@ -349,3 +350,13 @@ def test_close_ends_streams_in_flight(tiny_models) -> None:
             eng.generate(PROMPTS[2], SamplingParams(), "c")
 
     run(scenario())
+
+
+@pytest.mark.parametrize("key", ["tools", "add_generation_prompt", "bos_token", "messages"])
+def test_reserved_template_kwargs_are_refused_by_name(engine, key: str) -> None:
+    """A request's chat_template_kwargs may not re-set what the engine passes itself."""
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ChatTemplateError, match=f"chat_template_kwargs key '{key}': reserved"):
+        engine.chat_template(messages, template_kwargs={key: "x"})
+    plain = engine.chat_template(messages)
+    assert engine.chat_template(messages, template_kwargs={"enable_thinking": False}) == plain

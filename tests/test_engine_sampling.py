@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from modeldeploy.server.engine.sampling import TOP_P_CANDIDATES, SamplingParams, candidates
+from modeldeploy.server.engine.sampling import (
+    TOP_P_CANDIDATES,
+    RequestSampler,
+    SamplingParams,
+    candidates,
+    sample_batch,
+)
 from modeldeploy.server.engine.stop_strings import StopStringFilter
 
 
@@ -65,3 +71,28 @@ def test_stop_filter_holds_back_possible_prefixes() -> None:
     assert g.push("ART") == "START"  # not a stop after all: released
     assert g.push("S") == ""
     assert g.flush() == "S"  # the stream ended: held text is real output
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-6])
+def test_tiny_temperature_samples_greedily(temperature: float) -> None:
+    """A positive but tiny temperature must not divide logits to inf (NaN softmax)."""
+    logits = torch.randn(2, 300, generator=torch.Generator().manual_seed(3)) * 20
+    params = SamplingParams(temperature=temperature, seed=1)
+    params.validate()
+    samplers = [RequestSampler(params, [1, 2], torch.device("cpu")) for _ in range(2)]
+    got = [c.token_id for c in sample_batch(logits, samplers)]
+    assert got == logits.argmax(-1).tolist()
+
+
+def test_tiny_repetition_penalty_stays_finite() -> None:
+    """repetition_penalty=1e-300 favours the seen tokens without making their logits inf."""
+    logits = torch.full((1, 50), -1.0)
+    logits[0, 7] = 5.0  # seen and positive: divided by the penalty
+    logits[0, 9] = 4.0  # seen and positive
+    params = SamplingParams(temperature=0.7, repetition_penalty=1e-300, seed=0)
+    params.validate()
+    sampler = RequestSampler(params, [7, 9], torch.device("cpu"))
+    row = sampler.penalize(logits[0].clone())
+    assert torch.isfinite(row).all()
+    choices = [sample_batch(logits, [sampler])[0].token_id for _ in range(5)]
+    assert set(choices) <= {7, 9}

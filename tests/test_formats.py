@@ -441,6 +441,9 @@ def test_hub_configs_normalize():
     moe = config_from_hf(HUB_CONFIGS["qwen3-30b-a3b"])
     assert (moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size) == (128, 8, 768)
     assert moe.norm_topk_prob and moe.qk_norm and moe.sliding_window is None
+    v5 = {k: v for k, v in HUB_CONFIGS["qwen3-30b-a3b"].items() if k != "num_experts"}
+    moe5 = config_from_hf({**v5, "num_local_experts": 128})  # transformers 5's name
+    assert (moe5.num_experts, moe5.num_experts_per_tok) == (128, 8)
     gemma = config_from_hf(HUB_CONFIGS["gemma-3-4b-multimodal"])
     assert gemma.architecture == "gemma3" and gemma.num_layers == 34
     assert gemma.rope_scaling == {"factor": 8.0, "rope_type": "linear"}

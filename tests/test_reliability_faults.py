@@ -230,3 +230,25 @@ def test_a_planted_symlink_in_the_slug_dir_is_replaced_not_followed(tmp_path: Pa
         "extra.json": str(model / "extra.json"),
     }
     assert read_record(slug_dir) == again
+
+
+def test_a_slug_directory_planted_as_a_symlink_is_replaced_not_written_through(
+    tmp_path: Path,
+) -> None:
+    """`<slug-root>/<slug>` itself replaced by a link to another directory (say, another
+    model's): the harvest must not put its links and record there."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"W")
+    first = harvest(str(model), tmp_path / "slugs")
+    slug_dir = Path(first.slug_dir)
+    shutil.rmtree(slug_dir)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "config.json").write_text('{"victim": true}')
+    slug_dir.symlink_to(victim, target_is_directory=True)
+    again = harvest(str(model), tmp_path / "slugs")
+    assert sorted(os.listdir(victim)) == ["config.json"]
+    assert (victim / "config.json").read_text() == '{"victim": true}'
+    assert not slug_dir.is_symlink() and read_record(slug_dir) == again

@@ -140,6 +140,22 @@ def test_a_hostile_template_is_a_400_naming_the_template(http: httpx.Client, mod
     assert ok.status_code == 200, ok.text
 
 
+@pytest.mark.parametrize(
+    "key", ["tools", "add_generation_prompt", "bos_token", "eos_token", "messages", "self"]
+)
+def test_a_reserved_chat_template_kwarg_is_a_400_naming_it(http: httpx.Client, key: str) -> None:
+    """The server sets these itself; passing one again used to be a TypeError (500)."""
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+        "chat_template_kwargs": {key: "x"},
+    }
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert f"chat_template_kwargs key '{key}'" in response.json()["error"]["message"]
+    assert http.get("/health").status_code == 200
+
+
 # ---- hostile request bodies the schema fuzzer does not write ------------------------------
 
 
@@ -165,13 +181,14 @@ def test_pathological_json_is_a_4xx_never_a_5xx(http: httpx.Client, raw: bytes) 
     assert http.get("/health").status_code == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug (reliability findings in STATUS.md): temperature 1e-300 divides the "
-    "logits to inf, softmax gives NaN, torch.multinomial raises and the engine poisons the model",
-)
-def test_a_tiny_temperature_does_not_poison_the_model(tmp_path: Path, tiny_models) -> None:
-    """Own server: when this bug bites, the model is poisoned for good."""
+@pytest.mark.parametrize("field", ["temperature", "repetition_penalty"])
+def test_a_tiny_sampling_divisor_does_not_poison_the_model(
+    tmp_path: Path, tiny_models, field: str
+) -> None:
+    """Own server: this bug used to poison the model for good (found by schemathesis:
+    `repetition_penalty: 7.5e-175` in a schema-valid /v1/completions request): a temperature
+    or repetition_penalty of 1e-300 divided the logits to inf and softmax gave NaN. Now tiny
+    temperatures sample greedily and penalized logits are bounded (engine/sampling.py)."""
     proc = ServerProcess(
         tiny_models.gguf("qwen2", "F32"), "--served-model-name", "tiny",
         cache_root=tmp_path / "cache",
@@ -179,7 +196,7 @@ def test_a_tiny_temperature_does_not_poison_the_model(tmp_path: Path, tiny_model
     with proc:
         proc.wait_ready(timeout=180)
         with httpx.Client(base_url=proc.url, timeout=60) as http:
-            body = {"prompt": "x", "max_tokens": 3, "temperature": 1e-300}
+            body = {"prompt": "x x x", "max_tokens": 3, field: 1e-300}
             response = http.post("/v1/completions", json=body)
             assert response.status_code in (200, 400), response.text
             assert http.get("/health").status_code == 200

@@ -10,19 +10,23 @@ async stream of `GenerationEvent`s fed by the scheduler thread. Admission checks
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from modeldeploy.server.contract import cache_root
+from modeldeploy.server.engine import quant as qlayers
 from modeldeploy.server.engine import weights
 from modeldeploy.server.engine.chat_template import ChatTemplate
 from modeldeploy.server.engine.cpu import configure_threads
 from modeldeploy.server.engine.device import Placement, choose_placement, memory_info
 from modeldeploy.server.engine.errors import (
+    ChatTemplateError,
     EngineClosedError,
     EngineOverloadedError,
     InsufficientMemoryError,
@@ -55,6 +59,24 @@ KV_MEMORY_SHARE = 0.5
 CUDA_HEADROOM = 256 << 20
 
 Progress = Callable[[int, int, str], None]
+
+#: Names a request's `chat_template_kwargs` may not use: ChatTemplate.render's own
+#: arguments (messages, tools, add_generation_prompt, bos_token, ...), which the engine
+#: sets itself. Passing one twice would be a TypeError (a 500) instead of a 400.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    name
+    for name, param in inspect.signature(ChatTemplate.render).parameters.items()
+    if param.kind is not inspect.Parameter.VAR_KEYWORD
+)
+
+
+def quant_cache_dir() -> Path | None:
+    """Where converted quantized layers are cached between loads (quant.py, mmap'd on a hit):
+    $MODELDEPLOY_QUANT_CACHE if a directory, off if "0", else `cache_root()/quant`."""
+    env = os.environ.get(qlayers.CACHE_ENV, "").strip()
+    if env.lower() in ("0", "off", "false", "no"):
+        return None
+    return Path(env) if env else cache_root() / "quant"
 
 
 class GenerationStream:
@@ -116,6 +138,8 @@ class Engine:
         self.scheduler: Scheduler | None = None
         self.served_model_name = ""
         self.closed = False
+        self.quant_report: qlayers.QuantReport | None = None
+        self.weights_info: dict[str, Any] = {}
 
     # ---- loading -----------------------------------------------------------------------
 
@@ -135,8 +159,14 @@ class Engine:
         progress: Progress | None = None,
         quant: str | None = None,
         max_queue: int | None = None,
+        quant_policy: str | None = None,
     ) -> Engine:
-        """Open, build, fill and start serving a model; raises typed errors for bad input."""
+        """Open, build, fill and start serving a model; raises typed errors for bad input.
+
+        `quant` picks a GGUF file among several (the formats layer); `quant_policy`
+        (default: $MODELDEPLOY_QUANT_POLICY, else auto) says how a GGUF's weights are held
+        on a CPU: see `_weight_policy`.
+        """
         from modeldeploy.server.formats import open_model
 
         if max_concurrent < 1:
@@ -152,6 +182,8 @@ class Engine:
         self.config = files.config
         self.spec = ModelSpec.from_config(files.config, source=str(files.path))
         self.placement: Placement = choose_placement(device, dtype)
+        policy_name = (quant_policy or os.environ.get(qlayers.POLICY_ENV) or "auto").strip().lower()
+        policy = qlayers.QuantPolicy.parse(policy_name)  # bad names fail before the slow part
         if self.placement.device.type == "cpu":
             self.threads: int | None = configure_threads()
         else:
@@ -175,14 +207,34 @@ class Engine:
 
         dev, dt = self.placement.device, self.placement.dtype
         model = Transformer(self.spec)
-        model.materialize(dev, dt)
+        use_kernels, why = self._weight_policy(policy_name)
+        report: qlayers.QuantReport | None = None
         if files.gguf is not None:
-            arch = files.gguf.metadata.get("general.architecture", self.spec.architecture)
-            weights.load_gguf(model, files.gguf, str(arch), str(files.path), progress)
+            arch = str(files.gguf.metadata.get("general.architecture", self.spec.architecture))
+            if use_kernels:  # before materialize: swapped layers never exist densely
+                report = qlayers.quantize_gguf_model(
+                    model,
+                    files.gguf,
+                    dtype=dt,
+                    device=dev,
+                    policy=policy,
+                    permuted=arch in weights.GGUF_PERMUTED_ARCHS,
+                    cache_dir=quant_cache_dir(),
+                )
+            model.materialize(dev, dt)
+            skip = report.consumed if report else ()
+            weights.load_gguf(model, files.gguf, arch, str(files.path), progress, skip=skip)
         else:
+            model.materialize(dev, dt)
             weights.load_safetensors(model, files.safetensors, str(files.path), progress)
         model.eval()
         self.model = model
+        self.quant_report = report
+        self.weights_info = {"policy": policy_name, "quantized": report is not None, "reason": why}
+        if report is not None:
+            self.weights_info["segments"] = report.summary()["segments"]
+            self.weights_info["quantized_bytes"] = report.nbytes
+            self.weights_info["cache_hit"] = report.cache_hit
         # sized after the weights are in place, so "free memory" excludes them
         self.max_model_len = self._choose_max_len(max_model_len, model_ctx, max_concurrent)
         self.cache = KVCache(self.spec, max_concurrent, self.max_model_len, dt, dev)
@@ -214,6 +266,31 @@ class Engine:
             self.cache.nbytes / 2**20,
         )
         return self
+
+    def _weight_policy(self, name: str) -> tuple[bool, str]:
+        """Whether GGUF weights go to quant's int4/int8 CPU kernels, and why (for /model).
+
+        The kernels exist only on CPU and compute in bfloat16, so `auto` uses them only
+        when the model runs in bfloat16 anyway: an explicit --dtype float32 stays exact
+        (the float reference). int8/int4 force them whatever the dtype; dense never.
+        """
+        if self.files.gguf is None:
+            return False, "SafeTensors weights are loaded as stored"
+        if self.placement.device.type != "cpu":
+            return False, f"int4/int8 kernels are CPU-only; {self.placement.device} runs dense"
+        if name == "dense":
+            return False, "policy dense: GGUF weights dequantized to the model dtype"
+        if not qlayers.cpu_kernels_available():
+            return False, "this torch build lacks the CPU int4/int8 kernels; dense"
+        if name == "auto" and self.placement.dtype != torch.bfloat16:
+            return False, (
+                f"policy auto with dtype {self.placement.dtype_name}: kernels compute in "
+                "bfloat16, so the float weights stay exact"
+            )
+        return True, (
+            f"policy {name}: Q4_0/Q4_1/Q4_K as int4 groups (exact), other quantized types "
+            f"as {qlayers.QuantPolicy.parse(name).requant.value}, float tensors dense"
+        )
 
     def _choose_max_len(self, requested: int | None, model_ctx: int, slots: int) -> int:
         """--max-model-len if given (bounded by the model), else the model's context,
@@ -261,9 +338,22 @@ class Engine:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        template_kwargs: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> str:
-        """Render messages with the model's (or --chat-template's) template."""
+        """Render messages with the model's (or --chat-template's) template.
+
+        `template_kwargs` are a request's `chat_template_kwargs` (extra template variables):
+        a name the engine sets itself is refused with ChatTemplateError (HTTP 400).
+        """
+        extra = dict(template_kwargs or {})
+        clash = sorted(k for k in extra if not isinstance(k, str) or k in RESERVED_TEMPLATE_KWARGS)
+        if clash:
+            raise ChatTemplateError(
+                f"chat_template_kwargs key {clash[0]!r}: reserved, the server sets it itself "
+                f"(reserved: {', '.join(sorted(RESERVED_TEMPLATE_KWARGS - {'self'}))})"
+            )
+        extra.update(kwargs)
         if self.template is None:
             raise NoChatTemplateError(
                 f"model {self.served_model_name} has no chat template; use /v1/completions "
@@ -275,7 +365,7 @@ class Engine:
             add_generation_prompt=add_generation_prompt,
             bos_token=getattr(self.tokenizer, "bos_token", None) or "",
             eos_token=getattr(self.tokenizer, "eos_token", None) or "",
-            **kwargs,
+            **extra,
         )
 
     def generate(
@@ -391,12 +481,21 @@ class Engine:
 
     @property
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        """Logical weights, whether held as parameters or as quantized layers."""
+        n = sum(p.numel() for p in self.model.parameters())
+        for m in self.model.modules():
+            if isinstance(m, qlayers.QuantLinear):
+                n += m.in_features * m.out_features
+            elif isinstance(m, qlayers.QuantEmbedding):
+                n += m.num_embeddings * m.embedding_dim
+        return n
 
     def info(self) -> dict[str, Any]:
         """What GET /model shows: format, architecture, dtype and why, device, memory, limits."""
         files = self.files
         weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if self.quant_report is not None:  # quantized data are plain attributes, not params
+            weights_bytes += self.quant_report.nbytes
         metadata: dict[str, Any] = {}
         if files.gguf is not None:
             for key, value in files.gguf.metadata.items():
@@ -413,6 +512,7 @@ class Engine:
             "device": str(self.placement.device),
             "threads": self.threads,
             "parameters": self.num_parameters,
+            "weights": self.weights_info,
             "memory": {
                 "weights_bytes": weights_bytes,
                 "kv_cache_bytes": self.cache.nbytes,

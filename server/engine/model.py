@@ -453,7 +453,10 @@ class Transformer(nn.Module):
         """Allocate uninitialised parameters (the loader overwrites all) and RoPE frequencies."""
         self.to(dtype=dtype)  # still storage-less: free, and no float32 copy on the device
         self.to_empty(device=device)
-        if self.spec.tie_word_embeddings:
+        # A quantized head/embedding (quant.quantize_gguf_model) carries its own data,
+        # already tied to token_embd's bytes: only plain layers share one Parameter.
+        plain = isinstance(self.lm_head, nn.Linear) and isinstance(self.embed, nn.Embedding)
+        if self.spec.tie_word_embeddings and plain:
             self.lm_head.weight = self.embed.weight
         spec = self.spec
         glob = rope_inv_freq(spec, spec.rope_theta, spec.rope_scaling).to(device)

@@ -19,11 +19,19 @@ from modeldeploy.server.engine.errors import InvalidSamplingParamsError
 MAX_TOP_LOGPROBS = 20
 #: Candidates top-p looks at before falling back to sorting the whole vocabulary.
 TOP_P_CANDIDATES = 1024
+#: Temperatures below this sample greedily: dividing logits by, say, 1e-300 overflows to
+#: inf, softmax turns inf - inf into NaN and the draw fails (which would poison the model),
+#: while any temperature this small already puts all the mass on the top token.
+MIN_TEMPERATURE = 1e-5
+#: Bound on a penalized logit: a repetition_penalty of 1e-300 would otherwise make it inf.
+#: Far beyond any real logit, and still finite after division by MIN_TEMPERATURE.
+PENALIZED_LOGIT_LIMIT = 1e4
 
 
 @dataclass
 class SamplingParams:
-    """What one request asks of the sampler; `temperature == 0` means greedy.
+    """What one request asks of the sampler; `temperature == 0` (or below
+    `MIN_TEMPERATURE`) means greedy.
 
     `max_tokens=None` generates until a stop condition or the context is full.
     `repeat_last_n` is the window of recent tokens (prompt included) the repetition
@@ -79,7 +87,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def penalized(self) -> bool:
@@ -125,9 +133,10 @@ class RequestSampler:
             if history:
                 ids = torch.tensor(sorted(set(history)), device=row.device)
                 vals = row[ids]
-                row[ids] = torch.where(
+                penalized = torch.where(
                     vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
                 )
+                row[ids] = penalized.clamp(-PENALIZED_LOGIT_LIMIT, PENALIZED_LOGIT_LIMIT)
         if (p.presence_penalty or p.frequency_penalty) and self.output_counts:
             ids = torch.tensor(list(self.output_counts), device=row.device)
             counts = torch.tensor(

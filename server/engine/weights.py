@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -260,14 +260,25 @@ def raw_2d(raw: np.ndarray) -> np.ndarray:
 
 
 def load_gguf(
-    model: Transformer, gguf: Any, arch: str, source: str, progress: Progress | None = None
+    model: Transformer,
+    gguf: Any,
+    arch: str,
+    source: str,
+    progress: Progress | None = None,
+    skip: Collection[str] = (),
 ) -> None:
-    """Fill `model` from a GGUF file, undoing llama.cpp's q/k permutation and norm shift."""
+    """Fill `model` from a GGUF file, undoing llama.cpp's q/k permutation and norm shift.
+
+    `skip` names GGUF tensors already consumed elsewhere (quant.quantize_gguf_model built
+    their layers straight from the file's bytes), so they are neither read nor expected.
+    """
     spec = model.spec
     filler = Filler(model, source)
     permuted = arch in GGUF_PERMUTED_ARCHS
     total = len(gguf.tensors)
     for done, info in enumerate(gguf.tensors, 1):
+        if info.name in skip:
+            continue
         if info.name == "rope_freqs.weight":
             model.set_rope_factors(gguf_tensor(gguf, info))
             continue

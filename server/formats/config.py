@@ -297,7 +297,12 @@ def _hf_config(config: Mapping[str, Any], source: str) -> NormalizedConfig:
         ),
         bos_token_id=cfg.get("bos_token_id") if isinstance(cfg.get("bos_token_id"), int) else None,
         eos_token_ids=_ids(cfg.get("eos_token_id")),
-        num_experts=int(cfg["num_experts"]) if moe and cfg.get("num_experts") else None,
+        # transformers 4 writes num_experts for qwen3_moe, transformers 5 num_local_experts
+        num_experts=(
+            int(cfg.get("num_experts") or cfg["num_local_experts"])
+            if moe and (cfg.get("num_experts") or cfg.get("num_local_experts"))
+            else None
+        ),
         num_experts_per_tok=(
             int(cfg["num_experts_per_tok"]) if moe and cfg.get("num_experts_per_tok") else None
         ),

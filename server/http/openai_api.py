@@ -249,12 +249,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     check_max_tokens(runtime, body.max_tokens, "max_tokens")
     check_max_tokens(runtime, body.max_completion_tokens, "max_completion_tokens")
     max_tokens = body.max_completion_tokens or body.max_tokens
-    kwargs = dict(body.chat_template_kwargs or {})
     prompt = engine.chat_template(
         [m.template_dict() for m in body.messages],
         tools=body.tools,
         add_generation_prompt=body.add_generation_prompt,
-        **kwargs,
+        template_kwargs=body.chat_template_kwargs,  # reserved names -> 400 in the engine
     )
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else 0  # only with logprobs
     params = sampling_params(

@@ -1,1 +1,0 @@
-"""The kopf operator: CRD contract, manifest builders, status, handlers."""
