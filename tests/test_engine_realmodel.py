@@ -25,8 +25,8 @@ transformers = pytest.importorskip("transformers")
 PROMPTS = ["def fibonacci(n):", "The capital of France is"]
 GREEDY = {"temperature": 0.0, "max_tokens": 16, "ignore_eos": True}
 #: Share of teacher-forced positions where the quantized default's top-1 token must equal
-#: float32's (measured: see STATUS.md, integration helper).
-QUANT_TOP1_BOUND = 0.85
+#: float32's (measured 19:10 UTC: Qwen 39/41 = 0.95, Gemma 44/45 = 0.98).
+QUANT_TOP1_BOUND = 0.9
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -220,6 +220,7 @@ class Engine:
                     policy=policy,
                     permuted=arch in weights.GGUF_PERMUTED_ARCHS,
                     cache_dir=quant_cache_dir(),
+                    progress=progress,
                 )
             model.materialize(dev, dt)
             skip = report.consumed if report else ()
