@@ -479,13 +479,16 @@ def markdown(result: dict) -> str:
 
 
 def _metric_order(m: str) -> tuple:
-    prefix = ["ready", "prompt", "decode", "c1_", "c4_", "c8_", "c16", "peak"]
-    return (next((i for i, p in enumerate(prefix) if m.startswith(p)), 99), m)
+    """ready, prompt by length, decode, concurrency by level, memory."""
+    prefix = ["ready", "prompt", "decode", "c", "peak"]
+    group = next((i for i, p in enumerate(prefix) if m.startswith(p)), 99)
+    digits = "".join(ch if ch.isdigit() else " " for ch in m).split()
+    return (group, int(digits[0]) if digits and group in (1, 3) else 0, m)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", type=Path, help="the .gguf every peer loads")
+    ap.add_argument("model", type=Path, nargs="?", help="the .gguf every peer loads")
     ap.add_argument(
         "--peers",
         default="ours,llama-cpp-python,llama-server,transformers",
@@ -501,7 +504,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ours-args", default="", type=str.split, help="extra serve options")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--render", type=Path, default=None, help="re-print a saved JSON result")
     args = ap.parse_args(argv)
+    if args.render:
+        table = markdown(json.loads(args.render.read_text()))
+        args.render.with_suffix(".md").write_text(table)
+        print(table)
+        return 0
     args.model = args.model.resolve()
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -231,7 +231,10 @@ def build_launch(
         sub = mount.get("subPath")
         paths.mounts[mount["mountPath"]] = host / sub if sub else host
     env = container_env(container, pod, read)
-    env = {k: paths.rewrite(v) for k, v in env.items()}
+    # PATH already names host directories (image_env mapped the image's venv to this
+    # one); rewriting it again would break when the checkout lives under a mount path
+    # such as /tmp (CI clones there).
+    env = {k: v if k == "PATH" else paths.rewrite(v) for k, v in env.items()}
     command = [expand(c, env) for c in container.get("command") or []]
     args = [expand(a, env) for a in container.get("args") or []]
     if not command:
