@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterable
 
 from modeldeploy.server import metrics
+from modeldeploy.server.contract import HEALTH_PATH, METRICS_PATH, READY_PATH
 from modeldeploy.server.http.errors import error_response
 from modeldeploy.server.http.runtime import ServerRuntime
 from modeldeploy.server.logs import model_var, request_id_var
@@ -24,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 log = logging.getLogger("modeldeploy.http")
 
 #: Open without an API key and logged at DEBUG (the kubelet calls them every few seconds).
-PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})
+PROBE_PATHS = frozenset({HEALTH_PATH, READY_PATH, METRICS_PATH})
 #: Open without an API key: the schema is not a secret and fuzzers/SDK generators read it.
 PUBLIC_PATHS = PROBE_PATHS | {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 #: Routes that run the model: counted as in flight (SIGTERM waits for them).
