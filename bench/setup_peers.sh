@@ -33,10 +33,18 @@ if [ ! -d "$SRC" ]; then
 fi
 
 if [ ! -x "$BUILD/bin/llama-server" ]; then
-    # GGML_NATIVE: the peer gets every instruction set this CPU has (AVX-512, VNNI, BF16),
-    # as a user compiling llama.cpp on the machine would.
+    # Every instruction set this CPU runs, as a user compiling llama.cpp here would get,
+    # spelled out instead of GGML_NATIVE: a VM may advertise AMX (cpuid flags) without
+    # granting the tile state, and ggml's AMX kernels then die with SIGILL (seen here).
+    flags=$(grep -m1 '^flags' /proc/cpuinfo)
+    has() { case " $flags " in *" $1 "*) echo ON ;; *) echo OFF ;; esac; }
     cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" -G Ninja \
-        -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON \
+        -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF \
+        -DGGML_AVX="$(has avx)" -DGGML_AVX2="$(has avx2)" -DGGML_FMA="$(has fma)" \
+        -DGGML_F16C="$(has f16c)" -DGGML_BMI2="$(has bmi2)" -DGGML_AVX_VNNI="$(has avx_vnni)" \
+        -DGGML_AVX512="$(has avx512f)" -DGGML_AVX512_VBMI="$(has avx512vbmi)" \
+        -DGGML_AVX512_VNNI="$(has avx512_vnni)" -DGGML_AVX512_BF16="$(has avx512_bf16)" \
+        -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
         -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF \
         -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
         -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_BUILD_APP=OFF

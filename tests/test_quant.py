@@ -224,3 +224,32 @@ def test_prompt_sized_inputs_take_the_bf16_path_with_the_same_result(scheme, m):
     x = torch.randn(m, 256)
     chunked = torch.cat([layer(x[i : i + 8]) for i in range(0, m, 8)])  # kernel path
     torch.testing.assert_close(layer(x), chunked, rtol=2e-2, atol=2e-2 * chunked.abs().max().item())
+
+
+def test_rescored_head_gives_exact_logits_for_each_rows_best_tokens():
+    """A large-vocabulary Q8_0 head held as int4: the tokens a sampler can pick (each
+    row's top candidates) carry the file's exact logits, the ranking at the top equals
+    the float head's, and the tail stays within int4 error."""
+    vocab, hidden = quant.RESCORE_MIN_VOCAB + 4096, 64
+    raw = random_blocks(Q.Q8_0, vocab, hidden, seed=7)
+    policy = QuantPolicy.parse("auto")
+    assert policy.rescores(Q.Q8_0, vocab)
+    assert not policy.rescores(Q.Q8_0, 1024)  # small heads stay int8: cheap already
+    assert not policy.rescores(Q.Q4_K, vocab)  # exact int4 needs no rescoring
+    assert not QuantPolicy.parse("int8").rescores(Q.Q8_0, vocab)
+    coarse = QuantLinear.from_gguf(
+        Q.Q8_0, raw, (vocab, hidden), torch.bfloat16, policy=quant.COARSE_HEAD_POLICY
+    )
+    head = quant.RescoredHead(coarse, QuantEmbedding(Q.Q8_0, raw, (vocab, hidden), torch.float32))
+    assert head.schemes == ["int4+rescored"]
+    assert head.nbytes < vocab * hidden * 0.7  # int4 + scales: well under int8's 1 B/weight
+    x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    want = x.float() @ reference(Q.Q8_0, raw, hidden).T
+    got = head(x)
+    assert got.shape == (3, vocab) and got.dtype == torch.float32
+    top = want.topk(8, dim=-1)
+    assert torch.equal(got.topk(8, dim=-1).indices, top.indices)
+    torch.testing.assert_close(got.gather(1, top.indices), top.values, rtol=1e-5, atol=1e-5)
+    coarse_err = (coarse(x).float() - want).abs().max()
+    assert (got - want).abs().max() <= coarse_err + 1e-5
+    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()

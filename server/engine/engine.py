@@ -24,7 +24,12 @@ from modeldeploy.server.engine import quant as qlayers
 from modeldeploy.server.engine import weights
 from modeldeploy.server.engine.chat_template import ChatTemplate
 from modeldeploy.server.engine.cpu import configure_threads
-from modeldeploy.server.engine.device import Placement, choose_placement, memory_info
+from modeldeploy.server.engine.device import (
+    Placement,
+    choose_placement,
+    kv_cache_dtype,
+    memory_info,
+)
 from modeldeploy.server.engine.errors import (
     ChatTemplateError,
     EngineClosedError,
@@ -237,8 +242,9 @@ class Engine:
             self.weights_info["quantized_bytes"] = report.nbytes
             self.weights_info["cache_hit"] = report.cache_hit
         # sized after the weights are in place, so "free memory" excludes them
+        self.kv_dtype = kv_cache_dtype(dev, dt)
         self.max_model_len = self._choose_max_len(max_model_len, model_ctx, max_concurrent)
-        self.cache = KVCache(self.spec, max_concurrent, self.max_model_len, dt, dev)
+        self.cache = KVCache(self.spec, max_concurrent, self.max_model_len, self.kv_dtype, dev)
 
         tok_dir = Path(slug_dir) if slug_dir else files.model_dir
         gguf_meta = files.gguf.metadata if files.gguf is not None else None
@@ -305,7 +311,7 @@ class Engine:
                     f"length {model_ctx}"
                 )
             return requested
-        per_token = self.spec.kv_bytes_per_token * torch.finfo(self.placement.dtype).bits // 8
+        per_token = self.spec.kv_bytes_per_token * torch.finfo(self.kv_dtype).bits // 8
         free = memory_info(self.placement.device).get("free_bytes")
         if not free:
             return model_ctx
@@ -484,7 +490,11 @@ class Engine:
     def num_parameters(self) -> int:
         """Logical weights, whether held as parameters or as quantized layers."""
         n = sum(p.numel() for p in self.model.parameters())
+        # a RescoredHead's exact rows are the same logical weights as its coarse layer
+        skip = {id(m.exact) for m in self.model.modules() if isinstance(m, qlayers.RescoredHead)}
         for m in self.model.modules():
+            if id(m) in skip:
+                continue
             if isinstance(m, qlayers.QuantLinear):
                 n += m.in_features * m.out_features
             elif isinstance(m, qlayers.QuantEmbedding):

@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -65,6 +66,11 @@ CACHE_ENV = ENV_PREFIX + "QUANT_CACHE"
 
 #: GGUF types whose blocks are int4pack groups of 32 with no loss.
 EXACT_INT4_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q4_K})
+#: GGUF types of at most ~5.5 bits per weight that int4 cannot hold exactly. A GGUF mix
+#: (Q4_K_M, Q5_K_M...) stores its sensitive tensors (attn_v, half of ffn_down, the output
+#: head) at 6-8 bits and the rest at these: `auto` follows the author's choice and
+#: requantizes only these to int4, where one bit less costs little (bench/QUANT.md).
+LOW_BIT_TYPES = frozenset({Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q2_K, Q.Q3_K})
 #: Unquantized GGUF types.
 FLOAT_TYPES = frozenset({Q.F32, Q.F16, Q.BF16})
 #: The activation dtype both CPU kernels are fast with.
@@ -95,29 +101,46 @@ class QuantPolicyError(UserInputError):
 
 @dataclass(frozen=True)
 class QuantPolicy:
-    """Which scheme each GGUF weight type gets on a CPU.
+    """Which scheme each GGUF weight gets on a CPU.
 
-    `requant` applies to quantized types that int4 cannot hold exactly; `floats` to
-    F32/F16/BF16 weights; `keep_int4=False` turns the exact int4 path off (dense
-    everywhere, the float reference for quality checks).
+    `requant` applies to quantized types that int4 cannot hold exactly, `low_bits` to the
+    5-bit-and-below ones among them, `floats` to F32/F16/BF16 weights; `keep_int4=False`
+    turns the exact int4 path off (dense everywhere, the float reference for quality
+    checks). `rescored_head` holds the output head as int4 with exact rescoring of each
+    row's best candidates (`RescoredHead`). `dynamic_int8` runs int8 layers through
+    FBGEMM with 8-bit activations (`dynamic_int8_linear`) instead of the weight-only
+    kernel.
     """
 
     requant: Scheme = Scheme.INT8
     floats: Scheme = Scheme.DENSE
     keep_int4: bool = True
+    low_bits: Scheme = Scheme.INT8
+    rescored_head: bool = True
+    dynamic_int8: bool = True
 
     NAMES = ("auto", "int8", "int4", "dense")
 
     @classmethod
     def parse(cls, text: str | None) -> QuantPolicy:
-        """`auto`/`int8` (default), `int4` (requantize all to int4), `dense` (no kernels)."""
+        """`auto` (default), `int8` (every inexact type and the head as int8 rows: the
+        most exact kernel policy), `int4` (everything int4: fastest, least exact),
+        `dense` (no kernels). Measured trade-offs: bench/QUANT.md."""
         name = (text or "auto").strip().lower()
-        if name in ("auto", "int8"):
+        if name == "auto":
             return cls()
+        if name == "int8":
+            return cls(rescored_head=False, dynamic_int8=False)
         if name == "int4":
-            return cls(requant=Scheme.INT4)
+            return cls(requant=Scheme.INT4, low_bits=Scheme.INT4)
         if name == "dense":
-            return cls(requant=Scheme.DENSE, keep_int4=False)
+            return cls(
+                requant=Scheme.DENSE,
+                keep_int4=False,
+                low_bits=Scheme.DENSE,
+                rescored_head=False,
+                dynamic_int8=False,
+            )
         raise QuantPolicyError(f"quant policy '{text}': expected one of {', '.join(cls.NAMES)}")
 
     def scheme_for(self, ggml_type: GGMLQuantizationType) -> Scheme:
@@ -125,7 +148,37 @@ class QuantPolicy:
             return self.floats
         if ggml_type in EXACT_INT4_TYPES and self.keep_int4:
             return Scheme.INT4
+        if ggml_type in LOW_BIT_TYPES:
+            return self.low_bits
         return self.requant
+
+    def rescores(self, ggml_type: GGMLQuantizationType, vocab: int) -> bool:
+        """Whether an output head of this type and size becomes a `RescoredHead`.
+
+        Only where it pays: a quantized type int4 cannot hold exactly (an exact int4 head
+        is already as cheap as it gets) and a vocabulary large enough for the head to be a
+        real share of a decode step (a 32k x 896 head is ~4% of a 0.5B model's bytes).
+        """
+        return (
+            self.rescored_head
+            and ggml_type not in FLOAT_TYPES | EXACT_INT4_TYPES
+            and vocab >= RESCORE_MIN_VOCAB
+        )
+
+
+#: The policy of a rescored head's coarse pass: int4 over the whole vocabulary.
+COARSE_HEAD_POLICY = QuantPolicy(requant=Scheme.INT4, low_bits=Scheme.INT4, rescored_head=False)
+
+#: Layers whose int8 weights `auto` multiplies with 8-bit activations: the MLP's fused
+#: gate|up projection, the largest matrix of a layer, reading the RMS-normalized residual
+#: stream. Measured on Qwen2.5-0.5B (bench/QUANT.md): q|k|v too raised the KL cost 1.6x
+#: and broke a greedy continuation, the down projection (which reads gate*up, full of
+#: outliers) 1.4x, and neither was faster: their matrices are small enough that the
+#: per-call cost of rounding the activations eats the gain.
+DYNAMIC_INT8_MODULES = ("mlp.w13",)
+
+#: Smallest vocabulary whose head `auto` rescores (see `QuantPolicy.rescores`).
+RESCORE_MIN_VOCAB = 32768
 
 
 @functools.cache
@@ -298,25 +351,113 @@ class _Int4:
 
 
 class _Int8:
+    """int8 weights with one scale per output row.
+
+    Two ways to multiply: torch's `_weight_int8pack_mm` (weight-only: bf16 activations,
+    exact up to the weight's rounding) and, once `enable_dynamic` ran, FBGEMM's dynamic
+    int8 GEMM, which also rounds each input row to 8 bits and multiplies with VNNI
+    integer dot products: 2x faster for one row and 3x for a decode batch of 8
+    (bench/QUANT.md), at a small measured quality cost. Its packed copy replaces the plain
+    int8 weight, so enabling it costs no memory.
+    """
+
     scheme = Scheme.INT8
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
-        self.weight, self.scales = weight, scales
+        self.weight: torch.Tensor | None = weight
+        self.scales = scales
         self.out_features = weight.shape[0]
+        self.in_features = weight.shape[1]
         self.dtype = KERNEL_DTYPE
+        self.packed: Any = None
+        self.row_sums: torch.Tensor | None = None
+
+    def enable_dynamic(self) -> None:
+        """Prepack for FBGEMM and drop the plain weight (see `dynamic_int8_linear`)."""
+        if self.packed is None and self.weight is not None:
+            self.packed = prepack_dynamic_int8(self.weight, self.scales)
+            self.row_sums = self.weight.float().sum(1) * self.scales.float()
+            self.weight = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return dynamic_int8_linear(x, self.packed, self.row_sums)
         if x.shape[0] >= DEQUANT_MIN_ROWS:
             w = self.weight.to(KERNEL_DTYPE).mul_(self.scales[:, None])
             return F.linear(x, w)
         return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
 
+    def int8_weight(self) -> torch.Tensor:
+        """The (N, K) int8 codes, from the packed copy when that is all there is."""
+        if self.weight is not None:
+            return self.weight
+        qweight, _ = torch.ops.quantized.linear_unpack(self.packed)
+        return qweight.int_repr()[:, : self.in_features]
+
     def dense(self) -> torch.Tensor:
-        return self.weight.float() * self.scales.float()[:, None]
+        return self.int8_weight().float() * self.scales.float()[:, None]
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.weight, self.scales)
+        n, k = self.out_features, self.in_features
+        return n * k + _nbytes(self.scales)
+
+
+# ---------------------------------------------------------------------------------------
+# FBGEMM's dynamic int8 linear, made per-row and batch-invariant
+
+#: Two input columns appended to every row, with zero weights: they pin each row's range
+#: to [0, 1] after normalization, so FBGEMM's uint8 grid is exactly q = round(255 x)
+#: (see `dynamic_int8_linear`).
+_RANGE_PINS = torch.tensor([[1.0, 0.0]])
+
+
+@functools.cache
+def dynamic_int8_available() -> bool:
+    """True when torch has FBGEMM's dynamic linear and it computes what we expect."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    try:
+        w = torch.ones(16, 32, dtype=torch.int8)
+        packed = prepack_dynamic_int8(w, torch.full((16,), 0.5, dtype=KERNEL_DTYPE))
+        x = torch.ones(2, 32, dtype=KERNEL_DTYPE)
+        x[1, 0] = -1.0
+        y = dynamic_int8_linear(x, packed, torch.full((16,), 16.0))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return bool((y[0] == 16).all() and (y[1] == 15).all())
+
+
+def prepack_dynamic_int8(weight: torch.Tensor, scales: torch.Tensor) -> Any:
+    """FBGEMM's packed form of int8 rows (N, K) with per-row scales, two zero columns
+    appended for the range pins."""
+    n = weight.shape[0]
+    w = torch.cat((weight, torch.zeros(n, 2, dtype=torch.int8)), dim=1)
+    with warnings.catch_warnings():  # quantized tensors are deprecated API; still the way in
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(
+            w, scales.double(), torch.zeros(n, dtype=torch.long), 0
+        )
+        return torch.ops.quantized.linear_prepack(qw, None)
+
+
+def dynamic_int8_linear(x: torch.Tensor, packed: Any, row_sums: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ W.T through FBGEMM, each input row rounded to 8 bits on its own range.
+
+    FBGEMM quantizes its whole input with one scale and zero point from the input's
+    min/max, so one row's outlier would coarsen every other row, and a sequence's output
+    would depend on which others share its batch. So each row is mapped onto [0, 1]
+    (x = lo + r * u) and two pins (against zero weights) fix FBGEMM's range there: every
+    row gets all 255 levels over its own min..max, and results are bit-identical whether
+    a row runs alone or in a batch. The affine map is undone exactly afterwards:
+    W x = r * (W u) + lo * (W 1), with `row_sums` = W 1 precomputed.
+    """
+    xf = x.float()
+    lo, hi = torch.aminmax(xf, dim=-1, keepdim=True)
+    r = (hi - lo).clamp_min_(1e-30)
+    u = torch.cat(((xf - lo) / r, _RANGE_PINS.expand(xf.shape[0], 2)), dim=-1)
+    y = torch.ops.quantized.linear_dynamic(u, packed, False)
+    return torch.addcmul(y.mul_(r), lo, row_sums).to(KERNEL_DTYPE)
 
 
 class _Dense:
@@ -348,7 +489,7 @@ def segment_state(seg: _Int4 | _Int8 | _Dense) -> dict[str, Any]:
             "group": seg.group,
         }
     if isinstance(seg, _Int8):
-        return {"scheme": "int8", "weight": seg.weight, "scales": seg.scales}
+        return {"scheme": "int8", "weight": seg.int8_weight(), "scales": seg.scales}
     return {"scheme": "dense", "weight": seg.weight}
 
 
@@ -501,6 +642,12 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if len(self.segments) == 1:  # the common case, in as few calls as possible
+            seg = self.segments[0]
+            y = seg(x2.to(seg.dtype).contiguous()).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+            return y.view(*lead, self.out_features)
         cast: dict[torch.dtype, torch.Tensor] = {}
         outs = []
         for seg in self.segments:
@@ -615,6 +762,46 @@ class QuantEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, gguf={self.ggml_type.name}"
 
 
+class RescoredHead(nn.Module):
+    """The output head as int4 over the whole vocabulary, with each row's best candidates
+    recomputed from the GGUF's own rows.
+
+    The head is the largest matrix a small model reads per token (Qwen2.5-0.5B: 136 M
+    weights, a third of a decode step's bytes as int8). Which token is chosen is decided
+    among the top few logits, so those are computed from the file's exact weights (in
+    float32), while the tail, which only matters through its tiny probabilities, comes
+    from int4 at half the bytes of int8. Greedy choices, logprobs' top entries and top-k
+    sampling thus see exact logits; bench/QUANT.md measures the rest.
+    """
+
+    #: Candidates per row: far more than the int4 error can reorder (its top-1 is in the
+    #: exact top-8 at every measured position) and at least MAX_TOP_LOGPROBS.
+    CANDIDATES = 64
+
+    def __init__(self, coarse: QuantLinear, exact: QuantEmbedding) -> None:
+        super().__init__()
+        self.coarse = coarse
+        self.exact = exact
+        self.in_features, self.out_features = coarse.in_features, coarse.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        logits = self.coarse(x2).float()
+        ids = logits.topk(min(self.CANDIDATES, self.out_features), dim=-1).indices.unique()
+        rows = self.exact(ids)  # (U, in) float32, dequantized from the file
+        logits[:, ids] = x2.float() @ rows.T
+        return logits.view(*lead, self.out_features)
+
+    @property
+    def schemes(self) -> list[str]:
+        return [f"{s}+rescored" for s in self.coarse.schemes]
+
+    @property
+    def nbytes(self) -> int:
+        return self.coarse.nbytes
+
+
 # ---------------------------------------------------------------------------------------
 # Whole-model integration for the engine's Transformer + GGUF loader
 
@@ -643,7 +830,7 @@ class QuantReport:
 
 
 #: Bump when the stored layout changes; part of the cache key.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def conversion_cache_file(
@@ -663,6 +850,8 @@ def conversion_cache_file(
             policy.requant.value,
             policy.floats.value,
             policy.keep_int4,
+            policy.low_bits.value,
+            policy.rescored_head,
             str(dtype),
             torch.__version__,
             CACHE_FORMAT,
@@ -774,6 +963,15 @@ def quantize_gguf_model(
     total = len(by_module)
     for done, (module_name, parts) in enumerate(by_module.items(), 1):
         module = model.get_submodule(module_name)
+        head = parts[0][1] if module_name == "lm_head" and len(parts) == 1 else None
+        rescore = (
+            head is not None
+            and head.row_order is None
+            and torch.device(device).type == "cpu"
+            and cpu_kernels_available()
+            and policy.rescores(head.ggml_type, head.shape[0])
+        )
+        layer_policy = COARSE_HEAD_POLICY if rescore else policy
         if cached is not None:
             entry = cached[module_name]
             segments = [segment_from_state(st) for st in entry["segments"]]
@@ -784,12 +982,20 @@ def quantize_gguf_model(
                 dtype,
                 device=device,
                 bias=module.bias is not None,
-                policy=policy,
+                policy=layer_policy,
             )
             fresh[module_name] = {
                 "in_features": layer.in_features,
                 "segments": [segment_state(seg) for seg in layer.segments],
             }
+        dynamic = policy.dynamic_int8 and module_name.endswith(DYNAMIC_INT8_MODULES)
+        if dynamic and dynamic_int8_available():
+            for seg in layer.segments:
+                if isinstance(seg, _Int8):
+                    seg.enable_dynamic()
+        if rescore:
+            exact = QuantEmbedding(head.ggml_type, head.raw, head.shape, torch.float32, device)
+            layer = RescoredHead(layer, exact)
         if module.bias is not None:  # stays where the model's parameters are (meta: unfilled)
             layer.bias = nn.Parameter(torch.empty_like(module.bias), requires_grad=False)
         parent, _, child = module_name.rpartition(".")
