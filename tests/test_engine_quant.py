@@ -72,9 +72,10 @@ def test_auto_policy_quantizes_bf16_gguf_within_bound(tiny_models, arch, qtype, 
 
 
 @needs_kernels
-def test_quantized_engine_generates_batched(tiny_models):
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])  # int4 layers; int8 with FBGEMM gate|up
+def test_quantized_engine_generates_batched(tiny_models, qtype):
     """Two concurrent greedy streams through the scheduler equal the same requests alone."""
-    eng = load(tiny_models.gguf("qwen2", "Q4_0"), "bfloat16")
+    eng = load(tiny_models.gguf("qwen2", qtype), "bfloat16")
     try:
 
         async def both():

@@ -253,3 +253,38 @@ def test_rescored_head_gives_exact_logits_for_each_rows_best_tokens():
     coarse_err = (coarse(x).float() - want).abs().max()
     assert (got - want).abs().max() <= coarse_err + 1e-5
     assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+
+
+needs_fbgemm = pytest.mark.skipif(
+    not quant.dynamic_int8_available(), reason="torch build lacks FBGEMM's dynamic linear"
+)
+
+
+@needs_fbgemm
+def test_dynamic_int8_rows_are_independent_of_their_batch():
+    """Each decode row is rounded on its own range: a row with a 1000x outlier in the
+    same batch changes nothing for the others, and a row alone gives the same bits."""
+    rows, cols = 64, 256
+    raw = random_blocks(Q.Q8_0, rows, cols, seed=5)
+    layer = QuantLinear.from_gguf(Q.Q8_0, raw, (rows, cols), torch.bfloat16)
+    exact = layer.dequantized()
+    for seg in layer.segments:
+        seg.enable_dynamic()
+    assert layer.segments[0].weight is None  # the packed copy replaced it
+    torch.testing.assert_close(layer.dequantized(), exact, rtol=0, atol=0)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(6, cols, generator=gen).to(torch.bfloat16)
+    x[3, 17] = 1000.0
+    batched = layer(x)
+    for i in range(x.shape[0]):
+        assert torch.equal(layer(x[i : i + 1]), batched[i : i + 1])
+    want = x.float() @ exact.T
+    xf = x.float()
+    half_step = (xf.amax(-1) - xf.amin(-1)) / 255 / 2  # 8 bits over the row's own range
+    for i in range(x.shape[0]):
+        bound = half_step[i] * exact.abs().sum(1) + 2**-8 * want[i].abs() + 1e-3
+        assert ((batched[i].float() - want[i]).abs() <= bound).all(), i
+    # the outlier row's coarse grid stays its own: the other rows are as exact as alone
+    others = [0, 1, 2, 4, 5]
+    rel = (batched[others].float() - want[others]).abs().amax(-1) / want[others].abs().amax(-1)
+    assert (rel < 0.02).all(), rel

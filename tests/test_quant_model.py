@@ -96,3 +96,33 @@ def test_conversion_cache_is_written_once_and_gives_the_same_model(tiny_models, 
     assert len(list(tmp_path.glob("*.pt"))) == 1
     assert reports[0].layers == reports[1].layers
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not quant.dynamic_int8_available(), reason="no FBGEMM dynamic linear")
+@pytest.mark.parametrize("policy", ["auto", "int8"])
+def test_auto_rounds_activations_only_for_gate_up(tiny_models, policy):
+    """`auto` multiplies the int8 gate|up projections with 8-bit activations (FBGEMM) and
+    every other int8 layer weight-only; `int8` keeps all weight-only. Either way, one
+    token at a time (the decode path) keeps the float model's greedy choice."""
+    ref, qm, spec, _ = load_pair(tiny_models.gguf("qwen2", "Q8_0"), policy, torch.bfloat16)
+    dynamic = {
+        name
+        for name, mod in qm.named_modules()
+        if isinstance(mod, quant.QuantLinear)
+        for seg in mod.segments
+        if getattr(seg, "packed", None) is not None
+    }
+    want = {f"layers.{i}.mlp.w13" for i in range(spec.num_layers)} if policy == "auto" else set()
+    assert dynamic == want
+    tokens = torch.randint(0, spec.vocab_size, (1, 24), generator=torch.Generator().manual_seed(4))
+    full = logits(ref, spec, tokens, torch.float32)
+    cache = KVCache(spec, 1, 32, torch.float32, torch.device("cpu"))
+    with torch.inference_mode():
+        steps = torch.cat(
+            [
+                qm(tokens[:, i : i + 1], torch.tensor([[i]]), [0], cache)[0].float()
+                for i in range(tokens.shape[1])
+            ]
+        )
+    agree = (steps.argmax(-1) == full.argmax(-1)).float().mean().item()
+    assert agree >= 0.9, agree

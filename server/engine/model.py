@@ -466,7 +466,16 @@ class Transformer(nn.Module):
     def materialize(self, device: torch.device, dtype: torch.dtype) -> None:
         """Allocate uninitialised parameters (the loader overwrites all) and RoPE frequencies."""
         self.to(dtype=dtype)  # still storage-less: free, and no float32 copy on the device
-        self.to_empty(device=device)
+        # By hand rather than `to_empty`: its empty_like on meta tensors imports sympy
+        # through torch._refs (0.4 s of every start).
+        for m in self.modules():
+            for name, p in m._parameters.items():
+                if p is not None:
+                    empty = torch.empty(p.shape, dtype=p.dtype, device=device)
+                    m._parameters[name] = nn.Parameter(empty, requires_grad=p.requires_grad)
+            for name, b in m._buffers.items():
+                if b is not None:
+                    m._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
         # A quantized head/embedding (quant.quantize_gguf_model) carries its own data,
         # already tied to token_embd's bytes: only plain layers share one Parameter.
         plain = isinstance(self.lm_head, nn.Linear) and isinstance(self.embed, nn.Embedding)
