@@ -71,8 +71,8 @@ CACHE_ENV = ENV_PREFIX + "QUANT_CACHE"
 EXACT_INT4_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q4_K})
 #: GGUF types of at most ~5.5 bits per weight that int4 cannot hold exactly. A GGUF mix
 #: (Q4_K_M, Q5_K_M...) stores its sensitive tensors (attn_v, half of ffn_down, the output
-#: head) at 6-8 bits and the rest at these: `auto` follows the author's choice and
-#: requantizes only these to int4, where one bit less costs little (bench/QUANT.md).
+#: head) at 6-8 bits and the rest at these. `auto` keeps them int8: requantizing them to
+#: int4 measured 7x the KL and changed greedy text (bench/QUANT.md); `int4` does it.
 LOW_BIT_TYPES = frozenset({Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q2_K, Q.Q3_K})
 #: Unquantized GGUF types.
 FLOAT_TYPES = frozenset({Q.F32, Q.F16, Q.BF16})
