@@ -25,8 +25,13 @@ from pathlib import Path
 import torch
 from modeldeploy.server.engine import quant, weights
 from modeldeploy.server.engine.cpu import configure_threads
+from modeldeploy.server.engine.device import kv_cache_dtype
 from modeldeploy.server.engine.model import KVCache, ModelSpec, Transformer
 from modeldeploy.server.formats import open_model
+
+#: Caches as the engine makes them here (float32 K/V on CPU), so this measures serving.
+CPU = torch.device("cpu")
+
 
 TEXT = (
     "def quicksort(items):\n"
@@ -89,7 +94,7 @@ def build(path: Path, policy: str, dtype: torch.dtype):
 
 @torch.inference_mode()
 def logits_for(model, spec, ids: list[int], dtype) -> torch.Tensor:
-    cache = KVCache(spec, 1, len(ids) + 1, dtype, torch.device("cpu"))
+    cache = KVCache(spec, 1, len(ids) + 1, kv_cache_dtype(CPU, dtype), CPU)
     tokens = torch.tensor([ids])
     pos = torch.arange(len(ids))[None]
     return model(tokens, pos, [0], cache)[0]
@@ -98,7 +103,7 @@ def logits_for(model, spec, ids: list[int], dtype) -> torch.Tensor:
 @torch.inference_mode()
 def greedy(model, spec, ids: list[int], n: int, dtype) -> tuple[list[int], list[float]]:
     """n greedy tokens and the seconds of each single-token decode step."""
-    cache = KVCache(spec, 1, len(ids) + n + 1, dtype, torch.device("cpu"))
+    cache = KVCache(spec, 1, len(ids) + n + 1, kv_cache_dtype(CPU, dtype), CPU)
     logits = model(
         torch.tensor([ids]), torch.arange(len(ids))[None], [0], cache, torch.tensor([len(ids) - 1])
     )
@@ -119,7 +124,7 @@ def prefill_seconds(model, spec, n: int, dtype, reps: int = 3) -> list[float]:
     ids = torch.randint(100, 20000, (1, n), generator=torch.Generator().manual_seed(0))
     times = []
     for _ in range(reps):
-        cache = KVCache(spec, 1, n + 1, dtype, torch.device("cpu"))
+        cache = KVCache(spec, 1, n + 1, kv_cache_dtype(CPU, dtype), CPU)
         t0 = time.perf_counter()
         model(ids, torch.arange(n)[None], [0], cache, torch.tensor([n - 1]))
         times.append(time.perf_counter() - t0)

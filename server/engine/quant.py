@@ -69,11 +69,6 @@ CACHE_ENV = ENV_PREFIX + "QUANT_CACHE"
 
 #: GGUF types whose blocks are int4pack groups of 32 with no loss.
 EXACT_INT4_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q4_K})
-#: GGUF types of at most ~5.5 bits per weight that int4 cannot hold exactly. A GGUF mix
-#: (Q4_K_M, Q5_K_M...) stores its sensitive tensors (attn_v, half of ffn_down, the output
-#: head) at 6-8 bits and the rest at these. `auto` keeps them int8: requantizing them to
-#: int4 measured 7x the KL and changed greedy text (bench/QUANT.md); `int4` does it.
-LOW_BIT_TYPES = frozenset({Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q2_K, Q.Q3_K})
 #: Unquantized GGUF types.
 FLOAT_TYPES = frozenset({Q.F32, Q.F16, Q.BF16})
 #: The activation dtype both CPU kernels are fast with.
@@ -106,8 +101,8 @@ class QuantPolicyError(UserInputError):
 class QuantPolicy:
     """Which scheme each GGUF weight gets on a CPU.
 
-    `requant` applies to quantized types that int4 cannot hold exactly, `low_bits` to the
-    5-bit-and-below ones among them, `floats` to F32/F16/BF16 weights; `keep_int4=False`
+    `requant` applies to quantized types that int4 cannot hold exactly, `floats` to
+    F32/F16/BF16 weights; `keep_int4=False`
     turns the exact int4 path off (dense everywhere, the float reference for quality
     checks). `rescored_head` holds the output head as int4 with exact rescoring of each
     row's best candidates (`RescoredHead`). `dynamic_int8` runs int8 layers through
@@ -118,7 +113,6 @@ class QuantPolicy:
     requant: Scheme = Scheme.INT8
     floats: Scheme = Scheme.DENSE
     keep_int4: bool = True
-    low_bits: Scheme = Scheme.INT8
     rescored_head: bool = True
     dynamic_int8: bool = True
 
@@ -135,12 +129,11 @@ class QuantPolicy:
         if name == "int8":
             return cls(rescored_head=False, dynamic_int8=False)
         if name == "int4":
-            return cls(requant=Scheme.INT4, low_bits=Scheme.INT4)
+            return cls(requant=Scheme.INT4)
         if name == "dense":
             return cls(
                 requant=Scheme.DENSE,
                 keep_int4=False,
-                low_bits=Scheme.DENSE,
                 rescored_head=False,
                 dynamic_int8=False,
             )
@@ -151,8 +144,6 @@ class QuantPolicy:
             return self.floats
         if ggml_type in EXACT_INT4_TYPES and self.keep_int4:
             return Scheme.INT4
-        if ggml_type in LOW_BIT_TYPES:
-            return self.low_bits
         return self.requant
 
     def rescores(self, ggml_type: GGMLQuantizationType, vocab: int) -> bool:
@@ -160,7 +151,7 @@ class QuantPolicy:
 
         Only where it pays: a quantized type int4 cannot hold exactly (an exact int4 head
         is already as cheap as it gets) and a vocabulary large enough for the head to be a
-        real share of a decode step (a 32k x 896 head is ~4% of a 0.5B model's bytes).
+        real share of a decode step (Qwen2.5-0.5B's 152k x 896 head is 28% of its weights).
         """
         return (
             self.rescored_head
@@ -170,7 +161,7 @@ class QuantPolicy:
 
 
 #: The policy of a rescored head's coarse pass: int4 over the whole vocabulary.
-COARSE_HEAD_POLICY = QuantPolicy(requant=Scheme.INT4, low_bits=Scheme.INT4, rescored_head=False)
+COARSE_HEAD_POLICY = QuantPolicy(requant=Scheme.INT4, rescored_head=False)
 
 #: Layers whose int8 weights `auto` multiplies with 8-bit activations: the MLP's fused
 #: gate|up projection, the largest matrix of a layer, reading the RMS-normalized residual
@@ -360,8 +351,10 @@ class _Int8:
     exact up to the weight's rounding) and, once `enable_dynamic` ran, FBGEMM's dynamic
     int8 GEMM, which also rounds each input row to 8 bits and multiplies with VNNI
     integer dot products: 2x faster for one row and 3x for a decode batch of 8
-    (bench/QUANT.md), at a small measured quality cost. Its packed copy replaces the plain
-    int8 weight, so enabling it costs no memory.
+    (bench/QUANT.md), at a small measured quality cost. Once enabled it serves every row
+    count, prompt chunks too: there FBGEMM's GEMM is on par with widening to bf16 and a
+    bf16 GEMM (M = 256, 896 x 9728: ~9 ms against ~5 ms GEMM + the widening), so no
+    plain int8 copy is kept for them and enabling costs no memory.
     """
 
     scheme = Scheme.INT8
@@ -864,7 +857,6 @@ def conversion_cache_file(
             policy.requant.value,
             policy.floats.value,
             policy.keep_int4,
-            policy.low_bits.value,
             policy.rescored_head,
             str(dtype),
             torch.__version__,
@@ -909,7 +901,7 @@ def release_pages(t: torch.Tensor) -> None:
     start = -(-t.data_ptr() // page) * page
     end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
     if end > start:
-        ctypes.CDLL(None, use_errno=True).madvise(
+        ctypes.CDLL(None).madvise(
             ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED
         )
 
