@@ -10,6 +10,8 @@ Q8_0/Q5_0 adds at most half a per-row step, checked at 3 %.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -230,7 +232,7 @@ def test_rescored_head_gives_exact_logits_for_each_rows_best_tokens():
     """A large-vocabulary Q8_0 head held as int4: the tokens a sampler can pick (each
     row's top candidates) carry the file's exact logits, the ranking at the top equals
     the float head's, and the tail stays within int4 error."""
-    vocab, hidden = quant.RESCORE_MIN_VOCAB + 4096, 64
+    vocab, hidden = quant.RESCORE_MIN_VOCAB + 4096, 128
     raw = random_blocks(Q.Q8_0, vocab, hidden, seed=7)
     policy = QuantPolicy.parse("auto")
     assert policy.rescores(Q.Q8_0, vocab)
@@ -242,7 +244,8 @@ def test_rescored_head_gives_exact_logits_for_each_rows_best_tokens():
     )
     head = quant.RescoredHead(coarse, QuantEmbedding(Q.Q8_0, raw, (vocab, hidden), torch.float32))
     assert head.schemes == ["int4+rescored"]
-    assert head.nbytes < vocab * hidden * 0.7  # int4 + scales: well under int8's 1 B/weight
+    assert coarse.segments[0].group == 128  # the coarse pass may use a coarser grid
+    assert head.nbytes < vocab * hidden * 0.6  # int4 + scales: well under int8's 1 B/weight
     x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     want = x.float() @ reference(Q.Q8_0, raw, hidden).T
     got = head(x)
@@ -253,6 +256,22 @@ def test_rescored_head_gives_exact_logits_for_each_rows_best_tokens():
     coarse_err = (coarse(x).float() - want).abs().max()
     assert (got - want).abs().max() <= coarse_err + 1e-5
     assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("vocab", [151936, 4096 + 17, 64 * 64, 100])
+def test_top_candidates_finds_the_same_tokens_as_a_full_topk(vocab):
+    """The two-pass search returns each row's k best tokens, including when they crowd
+    into one block, sit in the partial last block, or the vocabulary is small."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(4, vocab, generator=g)
+    logits[1, 128:192] += 50.0  # all of row 1's winners in one block
+    logits[2, -(vocab % 64 or 64) :] += 50.0  # row 2's in the last, partial block
+    logits[3, ::97] += 50.0  # row 3's spread one per block
+    k = min(64, vocab)
+    got = quant.top_candidates(logits, k)
+    want = logits.topk(k, dim=-1).indices
+    assert got.shape == (4, k)
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
 
 
 needs_fbgemm = pytest.mark.skipif(
@@ -288,3 +307,40 @@ def test_dynamic_int8_rows_are_independent_of_their_batch():
     others = [0, 1, 2, 4, 5]
     rel = (batched[others].float() - want[others]).abs().amax(-1) / want[others].abs().amax(-1)
     assert (rel < 0.02).all(), rel
+
+
+def _mapped_kb(path) -> int:
+    """Resident KB of this process's mappings of `path` (Linux /proc/self/smaps)."""
+    total, current = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
+                current = len(fields) >= 6 and fields[5] == str(path)
+            elif current and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux only")
+def test_embedding_rows_from_a_mapped_file_do_not_stay_resident(tmp_path):
+    """Rows looked up in a table that lives in a file mapping (the GGUF: token lookups,
+    the rescored head's 64 exact rows a step) are read from the file, not through the
+    mapping, so the table never becomes part of the process's RSS; the rows are the
+    file's, at any offset of the file."""
+    rows, cols = 4096, 256
+    raw = random_blocks(Q.Q8_0, rows, cols, seed=3)
+    path = tmp_path / "model.bin"
+    header = b"x" * 1000  # the table starts mid-page, like a GGUF tensor
+    path.write_bytes(header + raw.tobytes() + b"tail")
+    file = np.memmap(path, dtype=np.uint8, mode="r")
+    table = file[len(header) : len(header) + raw.nbytes].reshape(raw.shape)
+    emb = QuantEmbedding(Q.Q8_0, table, (rows, cols), torch.float32)
+    assert emb.file_rows is not None
+    want = reference(Q.Q8_0, raw, cols)
+    for ids in (torch.arange(0, rows, 7), torch.tensor([[rows - 1, 0], [5, 5]])):
+        torch.testing.assert_close(emb(ids), want[ids], rtol=0, atol=0)
+    assert _mapped_kb(path) == 0
+    in_memory = QuantEmbedding(Q.Q8_0, raw, (rows, cols), torch.float32)
+    assert in_memory.file_rows is None
+    torch.testing.assert_close(in_memory(torch.tensor([3])), want[[3]], rtol=0, atol=0)

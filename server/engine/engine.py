@@ -10,10 +10,10 @@ async stream of `GenerationEvent`s fed by the scheduler thread. Admission checks
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import inspect
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -40,6 +40,7 @@ from modeldeploy.server.engine.errors import (
     NoChatTemplateError,
     PromptTooLongError,
 )
+from modeldeploy.server.engine.memory import loading_heap, release_free_heap
 from modeldeploy.server.engine.model import KVCache, ModelSpec, Transformer
 from modeldeploy.server.engine.sampling import SamplingParams
 from modeldeploy.server.engine.scheduler import (
@@ -74,19 +75,6 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
     for name, param in inspect.signature(ChatTemplate.render).parameters.items()
     if param.kind is not inspect.Parameter.VAR_KEYWORD
 )
-
-
-def release_free_heap() -> None:
-    """Give the C heap's free pages back to the system (glibc `malloc_trim`).
-
-    Loading frees hundreds of MB of conversion and packing temporaries; glibc keeps them
-    in its per-thread arenas, where they would count against the pod's memory limit for
-    the life of the process. A no-op where there is no glibc.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def quant_cache_dir() -> Path | None:
@@ -194,89 +182,97 @@ class Engine:
             raise UserInputError(f"--prefill-chunk {prefill_chunk}: must be at least 1")
         started = time.monotonic()
         self = cls()
-        files = open_model(model_path, quant)
-        self.files = files
-        self.source = str(model_path)
-        self.served_model_name = Path(str(model_path)).name
-        self.config = files.config
-        self.spec = ModelSpec.from_config(files.config, source=str(files.path))
-        self.placement: Placement = choose_placement(device, dtype)
-        policy_name = (quant_policy or os.environ.get(qlayers.POLICY_ENV) or "auto").strip().lower()
-        policy = qlayers.QuantPolicy.parse(policy_name)  # bad names fail before the slow part
-        if self.placement.device.type == "cpu":
-            self.threads: int | None = configure_threads()
-        else:
-            self.threads = None
-        log.info(
-            "loading %s (%s, %s) on %s as %s — %s",
-            files.path,
-            files.format,
-            self.spec.architecture,
-            self.placement.device,
-            self.placement.dtype_name,
-            self.placement.reason,
-        )
-        model_ctx = int(files.config.max_position_embeddings)
-        if max_model_len is not None:  # bad flags fail before the slow part
-            self._choose_max_len(max_model_len, model_ctx, max_concurrent)
-        self.max_prompt_tokens = max_prompt_tokens
-        self.max_concurrent = max_concurrent
-        self.prefill_chunk = prefill_chunk
-        self.max_queue = max_queue
+        with loading_heap():
+            files = open_model(model_path, quant)
+            self.files = files
+            self.source = str(model_path)
+            self.served_model_name = Path(str(model_path)).name
+            self.config = files.config
+            self.spec = ModelSpec.from_config(files.config, source=str(files.path))
+            self.placement: Placement = choose_placement(device, dtype)
+            policy_name = (
+                (quant_policy or os.environ.get(qlayers.POLICY_ENV) or "auto").strip().lower()
+            )
+            policy = qlayers.QuantPolicy.parse(policy_name)  # bad names fail before the slow part
+            if self.placement.device.type == "cpu":
+                self.threads: int | None = configure_threads()
+            else:
+                self.threads = None
+            log.info(
+                "loading %s (%s, %s) on %s as %s — %s",
+                files.path,
+                files.format,
+                self.spec.architecture,
+                self.placement.device,
+                self.placement.dtype_name,
+                self.placement.reason,
+            )
+            model_ctx = int(files.config.max_position_embeddings)
+            if max_model_len is not None:  # bad flags fail before the slow part
+                self._choose_max_len(max_model_len, model_ctx, max_concurrent)
+            self.max_prompt_tokens = max_prompt_tokens
+            self.max_concurrent = max_concurrent
+            self.prefill_chunk = prefill_chunk
+            self.max_queue = max_queue
 
-        dev, dt = self.placement.device, self.placement.dtype
-        model = Transformer(self.spec)
-        use_kernels, why = self._weight_policy(policy_name)
-        report: qlayers.QuantReport | None = None
-        if files.gguf is not None:
-            arch = str(files.gguf.metadata.get("general.architecture", self.spec.architecture))
-            if use_kernels:  # before materialize: swapped layers never exist densely
-                report = qlayers.quantize_gguf_model(
-                    model,
-                    files.gguf,
-                    dtype=dt,
-                    device=dev,
-                    policy=policy,
-                    permuted=arch in weights.GGUF_PERMUTED_ARCHS,
-                    cache_dir=quant_cache_dir(),
-                    progress=progress,
-                )
-            model.materialize(dev, dt)
-            skip = report.consumed if report else ()
-            weights.load_gguf(model, files.gguf, arch, str(files.path), progress, skip=skip)
-        else:
-            model.materialize(dev, dt)
-            weights.load_safetensors(model, files.safetensors, str(files.path), progress)
-        model.eval()
-        self.model = model
-        self.quant_report = report
-        self.weights_info = {"policy": policy_name, "quantized": report is not None, "reason": why}
-        if report is not None:
-            self.weights_info["segments"] = report.summary()["segments"]
-            self.weights_info["quantized_bytes"] = report.nbytes
-            self.weights_info["cache_hit"] = report.cache_hit
-        # sized after the weights are in place, so "free memory" excludes them
-        self.kv_dtype = kv_cache_dtype(dev, dt)
-        self.max_model_len = self._choose_max_len(max_model_len, model_ctx, max_concurrent)
-        self.cache = KVCache(self.spec, max_concurrent, self.max_model_len, self.kv_dtype, dev)
+            dev, dt = self.placement.device, self.placement.dtype
+            model = Transformer(self.spec)
+            use_kernels, why = self._weight_policy(policy_name)
+            report: qlayers.QuantReport | None = None
+            if files.gguf is not None:
+                arch = str(files.gguf.metadata.get("general.architecture", self.spec.architecture))
+                if use_kernels:  # before materialize: swapped layers never exist densely
+                    report = qlayers.quantize_gguf_model(
+                        model,
+                        files.gguf,
+                        dtype=dt,
+                        device=dev,
+                        policy=policy,
+                        permuted=arch in weights.GGUF_PERMUTED_ARCHS,
+                        cache_dir=quant_cache_dir(),
+                        progress=progress,
+                    )
+                model.materialize(dev, dt)
+                skip = report.consumed if report else ()
+                weights.load_gguf(model, files.gguf, arch, str(files.path), progress, skip=skip)
+            else:
+                model.materialize(dev, dt)
+                weights.load_safetensors(model, files.safetensors, str(files.path), progress)
+            model.eval()
+            release_free_heap()  # the conversion/packing temporaries, before the tokenizer's
+            self.model = model
+            self.quant_report = report
+            self.weights_info = {
+                "policy": policy_name,
+                "quantized": report is not None,
+                "reason": why,
+            }
+            if report is not None:
+                self.weights_info["segments"] = report.summary()["segments"]
+                self.weights_info["quantized_bytes"] = report.nbytes
+                self.weights_info["cache_hit"] = report.cache_hit
+            # sized after the weights are in place, so "free memory" excludes them
+            self.kv_dtype = kv_cache_dtype(dev, dt)
+            self.max_model_len = self._choose_max_len(max_model_len, model_ctx, max_concurrent)
+            self.cache = KVCache(self.spec, max_concurrent, self.max_model_len, self.kv_dtype, dev)
 
-        tok_dir = Path(slug_dir) if slug_dir else files.model_dir
-        gguf_meta = files.gguf.metadata if files.gguf is not None else None
-        self.tokenizer = Tokenizer.from_files(tok_dir, gguf_meta)
-        self.template = ChatTemplate.load(tok_dir, gguf_meta, chat_template_file)
-        # config.json + generation_config.json (formats) and the tokenizer's own end tokens
-        self.eos_token_ids = set(files.config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
-        self.scheduler = Scheduler(
-            model,
-            self.cache,
-            device=dev,
-            prefill_chunk=prefill_chunk,
-            eos_ids=self.eos_token_ids,
-            token_text=lambda i: self.tokenizer.decode([i], skip_special_tokens=False),
-        )
-        if os.environ.get(FAULT_ENV, "") not in ("", "0"):
-            self.inject_fault()
-        release_free_heap()
+            tok_dir = Path(slug_dir) if slug_dir else files.model_dir
+            gguf_meta = files.gguf.metadata if files.gguf is not None else None
+            self.tokenizer = Tokenizer.from_files(tok_dir, gguf_meta)
+            self.template = ChatTemplate.load(tok_dir, gguf_meta, chat_template_file)
+            # config.json + generation_config.json (formats) and the tokenizer's own end tokens
+            self.eos_token_ids = set(files.config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+            self.scheduler = Scheduler(
+                model,
+                self.cache,
+                device=dev,
+                prefill_chunk=prefill_chunk,
+                eos_ids=self.eos_token_ids,
+                token_text=lambda i: self.tokenizer.decode([i], skip_special_tokens=False),
+            )
+            if os.environ.get(FAULT_ENV, "") not in ("", "0"):
+                self.inject_fault()
+            release_free_heap()
         self.load_seconds = time.monotonic() - started
         log.info(
             "loaded %s in %.1fs: %d parameters, max_model_len %d, %d slots, KV cache %.0f MiB",
@@ -389,6 +385,20 @@ class Engine:
             eos_token=getattr(self.tokenizer, "eos_token", None) or "",
             **extra,
         )
+
+    def settle_weights(self) -> None:
+        """Move weights still read from the conversion cache's file mapping into memory
+        that may get huge pages, on a background thread (`quant.move_to_memory`): a
+        server calls it once it reported ready, since it costs ~0.5 s of one core."""
+        report = self.quant_report
+        if report is not None and report.mapped:
+            segments, report.mapped = report.mapped, []
+            threading.Thread(
+                target=qlayers.move_to_memory,
+                args=(segments,),
+                name="modeldeploy-weights",
+                daemon=True,
+            ).start()
 
     def generate(
         self,

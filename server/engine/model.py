@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from modeldeploy.server.engine.memory import small_pages
 from modeldeploy.server.errors import UnsupportedArchitectureError
 from modeldeploy.server.formats.config import SUPPORTED_ARCHITECTURES
 from torch import nn
@@ -265,6 +266,9 @@ class KVCache:
         shape = (num_slots, spec.num_kv_heads, max_len, spec.head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        if torch.device(device).type == "cpu":
+            for t in (*self.k, *self.v):
+                small_pages(t)  # a slot touches only the positions it reached
         self.num_slots = num_slots
         self.max_len = max_len
         self.clean = [0] * num_slots  # positions [0, clean[s]) of slot s hold finite values
