@@ -96,6 +96,14 @@ def test_conversion_cache_is_written_once_and_gives_the_same_model(tiny_models, 
     assert len(list(tmp_path.glob("*.pt"))) == 1
     assert reports[0].layers == reports[1].layers
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    # A cache hit reads its weights from the cache's file mapping until a server moves
+    # them into memory (Engine.settle_weights): same values, other storage.
+    assert not reports[0].mapped and reports[1].mapped
+    before = [seg.packed.data_ptr() for seg in reports[1].mapped if hasattr(seg, "packed")]
+    quant.move_to_memory(reports[1].mapped)
+    after = [seg.packed.data_ptr() for seg in reports[1].mapped if hasattr(seg, "packed")]
+    assert before and all(a != b for a, b in zip(before, after, strict=True))
+    torch.testing.assert_close(logits(model, spec, tokens, torch.bfloat16), outs[1], rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not quant.dynamic_int8_available(), reason="no FBGEMM dynamic linear")
