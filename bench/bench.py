@@ -2,10 +2,10 @@
 
 A benchmark, not a test (issue 9): one invocation runs every peer on the same file, the
 same thread count and the same token counts, trials interleaved (A B C A B C ..., the
-order rotated each repetition so no peer always runs first after an idle pause), and
-prints medians, min-max and our/peer ratios; JSON and a Markdown table go to
-bench/results/. The machine is shared and noisy: read medians, and re-run before
-believing a single figure.
+order rotated each repetition so no peer always runs first after an idle pause; the
+peers not being measured are paused, see `alone`), and prints medians, min-max and
+our/peer ratios; JSON and a Markdown table go to bench/results/. The machine is shared
+and noisy: read medians, and re-run before believing a single figure.
 
 Peers (installed by `make bench` into bench/.work, never into the product):
 - ours: `modeldeploy serve` over HTTP (OpenAI /v1/completions, streamed);
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -372,6 +373,39 @@ def summarize(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
+@contextlib.contextmanager
+def alone(peers: dict[str, HttpPeer | WorkerPeer], name: str):
+    """Pause (SIGSTOP) every other peer's process while `name` is measured.
+
+    An idle peer is not always idle: llama-server's worker threads poll for work and
+    were measured at 100% of one core between requests, which on a 2-core machine took
+    a core from whichever peer was being measured. Paused processes take no CPU.
+    """
+    stopped = [
+        peer.proc
+        for other, peer in peers.items()
+        if other != name and peer.proc is not None and peer.proc.poll() is None
+    ]
+    for proc in stopped:
+        _signal_group(proc, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for proc in stopped:
+            _signal_group(proc, signal.SIGCONT)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal a peer with its children when it leads its own process group."""
+    try:
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
 def run(args: argparse.Namespace) -> dict:
     prompts = Prompts(args.model)
     peers = build_peers(args)
@@ -388,7 +422,9 @@ def run(args: argparse.Namespace) -> dict:
         # Start-up: each peer started --startup-reps times, interleaved; the last stays up.
         for rep in range(args.startup_reps):
             for name in order[rep % len(order) :] + order[: rep % len(order)]:
-                record(name, "ready_s", peers[name].start())
+                with alone(peers, name):
+                    ready = peers[name].start()
+                record(name, "ready_s", ready)
         for rep in range(args.reps):
             rot = order[rep % len(order) :] + order[: rep % len(order)]
             print(f"rep {rep + 1}/{args.reps}", flush=True)
@@ -396,14 +432,16 @@ def run(args: argparse.Namespace) -> dict:
                 for name in rot:
                     salt += 1
                     try:
-                        r = peers[name].prompt(prompts.make(n, salt))
+                        with alone(peers, name):
+                            r = peers[name].prompt(prompts.make(n, salt))
                         record(name, f"prompt{n}_tok_s", r["prompt_tokens"] / r["seconds"])
                     except Exception as exc:  # a peer failing one trial must not end the run
                         errors.append(f"{name} prompt{n}: {exc}")
             for name in rot:
                 salt += 1
                 try:
-                    r = peers[name].decode(prompts.make(32, salt), args.decode_tokens)
+                    with alone(peers, name):
+                        r = peers[name].decode(prompts.make(32, salt), args.decode_tokens)
                     record(name, "decode_tok_s", r["tokens"] / r["seconds"])
                 except Exception as exc:
                     errors.append(f"{name} decode: {exc}")
@@ -417,7 +455,8 @@ def run(args: argparse.Namespace) -> dict:
                         salt += 1
                         texts.append(prompts.make(32, salt))
                     try:
-                        r = peer.concurrent(texts, args.decode_tokens)
+                        with alone(peers, name):
+                            r = peer.concurrent(texts, args.decode_tokens)
                     except Exception as exc:
                         errors.append(f"{name} concurrent{c}: {exc}")
                         continue
