@@ -10,8 +10,6 @@ Q8_0/Q5_0 adds at most half a per-row step, checked at 3 %.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -27,6 +25,7 @@ from modeldeploy.server.engine.quant import (
     QuantPolicyError,
     Scheme,
 )
+from proc_maps import linux_only, resident_kb
 
 Q = GGMLQuantizationType
 
@@ -309,20 +308,7 @@ def test_dynamic_int8_rows_are_independent_of_their_batch():
     assert (rel < 0.02).all(), rel
 
 
-def _mapped_kb(path) -> int:
-    """Resident KB of this process's mappings of `path` (Linux /proc/self/smaps)."""
-    total, current = 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            fields = line.split()
-            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
-                current = len(fields) >= 6 and fields[5] == str(path)
-            elif current and fields[0] == "Rss:":
-                total += int(fields[1])
-    return total
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux only")
+@linux_only
 def test_embedding_rows_from_a_mapped_file_do_not_stay_resident(tmp_path):
     """Rows looked up in a table that lives in a file mapping (the GGUF: token lookups,
     the rescored head's 64 exact rows a step) are read from the file, not through the
@@ -340,7 +326,7 @@ def test_embedding_rows_from_a_mapped_file_do_not_stay_resident(tmp_path):
     want = reference(Q.Q8_0, raw, cols)
     for ids in (torch.arange(0, rows, 7), torch.tensor([[rows - 1, 0], [5, 5]])):
         torch.testing.assert_close(emb(ids), want[ids], rtol=0, atol=0)
-    assert _mapped_kb(path) == 0
+    assert resident_kb(table.ctypes.data) == 0
     in_memory = QuantEmbedding(Q.Q8_0, raw, (rows, cols), torch.float32)
     assert in_memory.file_rows is None
     torch.testing.assert_close(in_memory(torch.tensor([3])), want[[3]], rtol=0, atol=0)

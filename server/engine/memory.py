@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import mmap
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -38,10 +39,8 @@ LOAD_MMAP_THRESHOLD = 1 << 20
 SERVE_MMAP_THRESHOLD = 32 << 20
 SERVE_TRIM_THRESHOLD = 2 * SERVE_MMAP_THRESHOLD
 
-#: Linux madvise advice numbers (not all are in Python's mmap module everywhere).
-_MADV_HUGEPAGE, _MADV_NOHUGEPAGE = 14, 15
 
-
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL("libc.so.6")
@@ -49,8 +48,11 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def _madvise(addr: int, nbytes: int, advice: int, *, inner: bool) -> None:
-    """madvise over whole pages: those inside the range (`inner`) or covering it."""
+def _madvise(addr: int, nbytes: int, advice: int | None, *, inner: bool) -> None:
+    """madvise over whole pages: those inside the range (`inner`) or covering it;
+    `advice` None (not defined on this platform) does nothing."""
+    if advice is None:
+        return
     page = mmap.PAGESIZE
     if inner:
         start, end = -(-addr // page) * page, (addr + nbytes) // page * page
@@ -69,12 +71,13 @@ def release_pages(t: torch.Tensor) -> None:
     """madvise(DONTNEED) the whole pages of a tensor that lives in a read-only file
     mapping: they leave the process's RSS and would fault back from the file if touched.
     Never for anonymous memory, which DONTNEED would zero."""
-    _madvise(t.data_ptr(), t.numel() * t.element_size(), mmap.MADV_DONTNEED, inner=True)
+    nbytes = t.numel() * t.element_size()
+    _madvise(t.data_ptr(), nbytes, getattr(mmap, "MADV_DONTNEED", None), inner=True)
 
 
 def small_pages(t: torch.Tensor) -> None:
     """Keep a freshly allocated, untouched tensor out of huge pages (the KV cache)."""
-    _madvise(*_span(t), _MADV_NOHUGEPAGE, inner=False)
+    _madvise(*_span(t), getattr(mmap, "MADV_NOHUGEPAGE", None), inner=False)
 
 
 #: Transparent huge pages come in 2 MB on x86-64 and arm64 with 4 kB base pages.
@@ -97,7 +100,7 @@ def to_anonymous(t: torch.Tensor) -> torch.Tensor:
         buf = mmap.mmap(-1, nbytes + HUGE_PAGE)
         addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
         offset = -addr % HUGE_PAGE
-        _madvise(addr + offset, nbytes, _MADV_HUGEPAGE, inner=True)
+        _madvise(addr + offset, nbytes, getattr(mmap, "MADV_HUGEPAGE", None), inner=True)
         flat = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=offset)
         out = flat.view(t.dtype).view(t.shape)  # the tensor keeps `buf` alive
         out.copy_(t)
