@@ -129,11 +129,25 @@ class HttpPeer:
                 if httpx.get(self.url + self.ready_path, timeout=1).status_code == 200:
                     elapsed = time.perf_counter() - t0
                     self.model_name = self._served_name()
+                    self._wait_settled(t0 + timeout)
                     return elapsed
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"{self.name} not ready after {timeout}s (log {self.log})")
+
+    def _wait_settled(self, until: float) -> None:
+        """Ours finishes settling its weights in the background after /ready (copies out
+        of the cache file, the head's FBGEMM packing: ~2 s of one core); measure the steady
+        state, not that. Servers without `/model` `weights.settled` pass at once."""
+        while time.perf_counter() < until:
+            try:
+                weights = httpx.get(self.url + "/model", timeout=2).json().get("weights") or {}
+            except (httpx.HTTPError, ValueError, AttributeError):
+                return
+            if weights.get("settled") is not False:
+                return
+            time.sleep(0.1)
 
     def _served_name(self) -> str:
         """The id the server lists first in /v1/models (both servers name it differently)."""

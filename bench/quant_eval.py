@@ -76,6 +76,7 @@ def build(path: Path, policy: str, dtype: torch.dtype):
         policy=quant.QuantPolicy.parse(policy),
         permuted=arch in weights.GGUF_PERMUTED_ARCHS,
     )
+    quant.settle(report.mapped, report.heads)  # what a server runs once it is ready
     model.materialize(torch.device("cpu"), dtype)
     filler = weights.Filler(model, str(path))
     for info in gguf.tensors:

@@ -257,6 +257,38 @@ def test_rescored_head_gives_exact_logits_for_each_rows_best_tokens():
     assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
 
 
+@pytest.mark.skipif(not quant.dynamic_int8_available(), reason="no FBGEMM dynamic linear")
+def test_rescored_head_sped_up_keeps_its_exact_top_and_tightens_the_tail():
+    """After `speed_up` (FBGEMM int8 rows instead of int4) the tokens a sampler can pick
+    still carry the file's exact logits, so greedy choices are the same as before the
+    swap, and the tail is nearer the file's logits than int4's was."""
+    vocab, hidden = quant.RESCORE_MIN_VOCAB + 4096, 128
+    raw = random_blocks(Q.Q8_0, vocab, hidden, seed=11)
+    coarse = QuantLinear.from_gguf(
+        Q.Q8_0, raw, (vocab, hidden), torch.bfloat16, policy=quant.COARSE_HEAD_POLICY
+    )
+    fast = QuantLinear.from_gguf(
+        Q.Q8_0, raw, (vocab, hidden), torch.bfloat16, policy=quant.FAST_HEAD_POLICY
+    ).segments[0]
+    exact = QuantEmbedding(Q.Q8_0, raw, (vocab, hidden), torch.float32)
+    head = quant.RescoredHead(coarse, exact, fast)
+    x = torch.randn(4, hidden, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    want = x.float() @ reference(Q.Q8_0, raw, hidden).T
+    before = head(x)
+    head.speed_up()
+    assert head.schemes == ["int8+rescored"] and head.fast is None
+    after = head(x)
+    top = want.topk(8, dim=-1)
+    assert torch.equal(after.topk(8, dim=-1).indices, top.indices)
+    torch.testing.assert_close(after.gather(1, top.indices), top.values, rtol=1e-5, atol=1e-5)
+    assert after.argmax(-1).tolist() == before.argmax(-1).tolist()
+    assert (after - want).abs().mean() < (before - want).abs().mean()
+    # a row alone picks the same token it picks in the batch
+    assert head(x[2:3]).argmax(-1).item() == after[2].argmax().item()
+    head.speed_up()  # a second call is a no-op
+    assert head.schemes == ["int8+rescored"]
+
+
 @pytest.mark.parametrize("vocab", [151936, 4096 + 17, 64 * 64, 100])
 def test_top_candidates_finds_the_same_tokens_as_a_full_topk(vocab):
     """The two-pass search returns each row's k best tokens, including when they crowd

@@ -107,6 +107,40 @@ def test_conversion_cache_is_written_once_and_gives_the_same_model(tiny_models, 
 
 
 @pytest.mark.skipif(not quant.dynamic_int8_available(), reason="no FBGEMM dynamic linear")
+def test_cached_rescored_head_moves_to_its_fast_pass_with_the_same_choices(
+    tiny_models, tmp_path, monkeypatch
+):
+    """A rescored Q8_0 head (the tiny vocabulary let in) keeps its int8 rows in the
+    conversion cache; after `settle` a cache hit's head runs FBGEMM and picks the
+    same tokens as before, with the file's exact logits for them."""
+    monkeypatch.setattr(quant, "RESCORE_MIN_VOCAB", 1)
+    path = tiny_models.gguf("qwen2", "Q8_0")
+    files = open_model(path)
+    spec = ModelSpec.from_config(files.config)  # tied: the head is token_embd's Q8_0 rows
+    ref, _, _, _ = load_pair(path, "dense", torch.float32)
+    tokens = torch.randint(0, spec.vocab_size, (1, 16), generator=torch.Generator().manual_seed(5))
+    reports, models = [], []
+    for _ in range(2):
+        model = Transformer(spec)
+        reports.append(
+            quant.quantize_gguf_model(model, files.gguf, dtype=torch.bfloat16, cache_dir=tmp_path)
+        )
+        model.materialize(torch.device("cpu"), torch.bfloat16)
+        model.load_state_dict(ref.state_dict(), strict=False)
+        models.append(model.eval())
+    assert reports[1].cache_hit and reports[0].layers["lm_head"] == ["int4+rescored"]
+    head = models[1].lm_head
+    assert reports[1].heads == [head] and head.fast is not None
+    before = logits(models[1], spec, tokens, torch.bfloat16)
+    quant.settle(reports[1].mapped, reports[1].heads)
+    assert head.schemes == ["int8+rescored"]
+    after = logits(models[1], spec, tokens, torch.bfloat16)
+    assert torch.equal(after.argmax(-1), before.argmax(-1))
+    top = before.topk(4, dim=-1)
+    torch.testing.assert_close(after.gather(1, top.indices), top.values, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not quant.dynamic_int8_available(), reason="no FBGEMM dynamic linear")
 @pytest.mark.parametrize("policy", ["auto", "int8"])
 def test_auto_rounds_activations_only_for_gate_up(tiny_models, policy):
     """`auto` multiplies the int8 gate|up projections with 8-bit activations (FBGEMM) and
