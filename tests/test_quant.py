@@ -289,6 +289,37 @@ def test_rescored_head_sped_up_keeps_its_exact_top_and_tightens_the_tail():
     assert head.schemes == ["int8+rescored"]
 
 
+@linux_only
+@pytest.mark.skipif(not quant.dynamic_int8_available(), reason="no FBGEMM dynamic linear")
+def test_sped_up_cached_head_hands_back_both_passes_file_pages(tmp_path):
+    """On a cache hit both passes are read through the cache file's mapping: after the
+    swap neither the replaced int4 pass nor the packed int8 rows stay resident there, and
+    a head larger than one FBGEMM segment still picks the same tokens."""
+    vocab, hidden = 2 * quant.FAST_HEAD_ROWS, 256
+    raw = random_blocks(Q.Q8_0, vocab, hidden, seed=13)
+    passes = {
+        name: QuantLinear.from_gguf(Q.Q8_0, raw, (vocab, hidden), torch.bfloat16, policy=p)
+        for name, p in (("coarse", quant.COARSE_HEAD_POLICY), ("fast", quant.FAST_HEAD_POLICY))
+    }
+    torch.save(
+        {k: quant.segment_state(v.segments[0]) for k, v in passes.items()}, tmp_path / "c.pt"
+    )
+    cached = torch.load(tmp_path / "c.pt", mmap=True, weights_only=True)
+    coarse = QuantLinear([quant.segment_from_state(cached["coarse"])], hidden, bias=False)
+    exact = QuantEmbedding(Q.Q8_0, raw, (vocab, hidden), torch.float32)
+    fast = quant.segment_from_state(cached["fast"])
+    head = quant.RescoredHead(coarse, exact, fast, mapped=True)
+    x = torch.randn(2, hidden, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    before = head(x)  # reads the whole int4 pass through the mapping
+    packed = coarse.segments[0].packed
+    int4_kb = packed.numel() // 1024
+    assert resident_kb(packed.data_ptr()) >= int4_kb
+    head.speed_up()
+    assert head.schemes == ["int8+rescored"] * 2  # two FBGEMM segments
+    assert resident_kb(packed.data_ptr()) < int4_kb // 4
+    assert head(x).argmax(-1).tolist() == before.argmax(-1).tolist()
+
+
 @pytest.mark.parametrize("vocab", [151936, 4096 + 17, 64 * 64, 100])
 def test_top_candidates_finds_the_same_tokens_as_a_full_topk(vocab):
     """The two-pass search returns each row's k best tokens, including when they crowd

@@ -77,21 +77,26 @@ def test_kernel_policy_keeps_greedy_choices(tiny_models, arch, qtype, scheme):
     assert (got - want).abs().max() <= 0.1 * want.abs().max()
 
 
+def load_cached(files, spec, ref, cache_dir):
+    """The engine's bf16 kernel model with the conversion cache in `cache_dir`; norms and
+    biases copied from the float reference."""
+    model = Transformer(spec)
+    report = quant.quantize_gguf_model(model, files.gguf, dtype=torch.bfloat16, cache_dir=cache_dir)
+    model.materialize(torch.device("cpu"), torch.bfloat16)
+    model.load_state_dict(ref.state_dict(), strict=False)
+    return model.eval(), report
+
+
 def test_conversion_cache_is_written_once_and_gives_the_same_model(tiny_models, tmp_path):
     path = tiny_models.gguf("qwen2", "Q4_0")
     files = open_model(path)
     spec = dataclasses.replace(ModelSpec.from_config(files.config), tie_word_embeddings=False)
     tokens = torch.randint(0, spec.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
-    outs, reports = [], []
     ref, _, _, _ = load_pair(path, "dense", torch.float32)
-    for _ in range(2):
-        model = Transformer(spec)
-        reports.append(
-            quant.quantize_gguf_model(model, files.gguf, dtype=torch.bfloat16, cache_dir=tmp_path)
-        )
-        model.materialize(torch.device("cpu"), torch.bfloat16)
-        model.load_state_dict(ref.state_dict(), strict=False)
-        outs.append(logits(model.eval(), spec, tokens, torch.bfloat16))
+    pairs = [load_cached(files, spec, ref, tmp_path) for _ in range(2)]
+    reports = [r for _, r in pairs]
+    model = pairs[1][0]
+    outs = [logits(m, spec, tokens, torch.bfloat16) for m, _ in pairs]
     assert [r.cache_hit for r in reports] == [False, True]
     assert len(list(tmp_path.glob("*.pt"))) == 1
     assert reports[0].layers == reports[1].layers
@@ -119,15 +124,9 @@ def test_cached_rescored_head_moves_to_its_fast_pass_with_the_same_choices(
     spec = ModelSpec.from_config(files.config)  # tied: the head is token_embd's Q8_0 rows
     ref, _, _, _ = load_pair(path, "dense", torch.float32)
     tokens = torch.randint(0, spec.vocab_size, (1, 16), generator=torch.Generator().manual_seed(5))
-    reports, models = [], []
-    for _ in range(2):
-        model = Transformer(spec)
-        reports.append(
-            quant.quantize_gguf_model(model, files.gguf, dtype=torch.bfloat16, cache_dir=tmp_path)
-        )
-        model.materialize(torch.device("cpu"), torch.bfloat16)
-        model.load_state_dict(ref.state_dict(), strict=False)
-        models.append(model.eval())
+    pairs = [load_cached(files, spec, ref, tmp_path) for _ in range(2)]
+    reports = [r for _, r in pairs]
+    models = [m for m, _ in pairs]
     assert reports[1].cache_hit and reports[0].layers["lm_head"] == ["int4+rescored"]
     head = models[1].lm_head
     assert reports[1].heads == [head] and head.fast is not None

@@ -886,14 +886,15 @@ class RescoredHead(nn.Module):
         coarse: QuantLinear,
         exact: QuantEmbedding,
         fast: _Int8 | None = None,
-        fast_mapped: bool = False,
+        mapped: bool = False,
     ) -> None:
         super().__init__()
         self.coarse = coarse
         self.exact = exact
         #: int8 rows for FBGEMM, waiting for `speed_up` (packing is too slow for start-up).
         self.fast = fast
-        self.fast_mapped = fast_mapped
+        #: Both passes lie in the conversion cache's file mapping (a cache hit).
+        self.mapped = mapped
         self.in_features, self.out_features = coarse.in_features, coarse.out_features
 
     def speed_up(self) -> None:
@@ -903,6 +904,8 @@ class RescoredHead(nn.Module):
         attribute store, so a step running meanwhile finishes with the layer it read.
         Only the tail can change: each row's best candidates get the file's exact logits
         either way, so greedy choices and top logprobs are the same before and after.
+        The replaced pass's file pages are handed back (a step still reading it faults
+        them in again from the page cache).
         """
         fast = self.fast
         if fast is None or not dynamic_int8_available():
@@ -913,10 +916,15 @@ class RescoredHead(nn.Module):
             seg = _Int8(
                 weight[start : start + FAST_HEAD_ROWS], scales[start : start + FAST_HEAD_ROWS]
             )
-            seg.enable_dynamic(self.fast_mapped)
+            seg.enable_dynamic(self.mapped)
             segments.append(seg)
-        self.coarse = QuantLinear(segments, self.in_features, bias=False)
+        replaced, self.coarse = self.coarse, QuantLinear(segments, self.in_features, bias=False)
         self.fast = None
+        if self.mapped:
+            for seg in replaced.segments:
+                for t in segment_state(seg).values():
+                    if isinstance(t, torch.Tensor):
+                        release_pages(t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -1182,7 +1190,7 @@ def quantize_gguf_model(
             to_move += layer.segments
         if rescore:
             exact = QuantEmbedding(head.ggml_type, head.raw, head.shape, torch.float32, device)
-            layer = RescoredHead(layer, exact, fast, fast_mapped=cached is not None)
+            layer = RescoredHead(layer, exact, fast, mapped=cached is not None)
             if fast is not None:
                 report.heads.append(layer)
         if module.bias is not None:  # stays where the model's parameters are (meta: unfilled)
