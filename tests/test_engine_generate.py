@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import pytest
 from engine_helpers import collect, one_torch_thread, run
@@ -16,6 +17,7 @@ from modeldeploy.server.engine.errors import (
     PromptTooLongError,
 )
 from modeldeploy.server.engine.sampling import SamplingParams
+from modeldeploy.server.engine.scheduler import prefill_groups
 from modeldeploy.server.errors import UnsupportedArchitectureError
 
 PROMPTS = [
@@ -78,6 +80,62 @@ def test_eight_concurrent_greedy_requests_equal_each_alone(engine: Engine) -> No
         assert b.events[-1].usage.completion_tokens == n
     assert engine.stats().running == 0
     assert engine.scheduler.free_slots == [0, 1, 2, 3]
+
+
+def test_prompts_arriving_together_prefill_in_one_forward_as_each_alone(tiny_models) -> None:
+    """Four prompts of 9-12 tokens admitted in one step run as one padded prefill forward
+    (the CPU kernels' rate rises with rows), yet every stream's tokens and logprobs are
+    those it gets alone: the padding's K/V never reach a result."""
+    eng = load(tiny_models, "qwen2", max_concurrent=4, max_model_len=128)
+    try:
+        prompts = [list(range(100 + i, 100 + i + n)) for i, n in enumerate((12, 11, 9, 12))]
+        params = greedy(max_tokens=6, logprobs=True)
+        alone = [run(collect(eng, ids, **params)) for ids in prompts]
+        widths: list[tuple[int, int]] = []
+        model = eng.scheduler.model
+
+        def recording(tokens, *args):
+            widths.append(tuple(tokens.shape))
+            return model(tokens, *args)
+
+        eng.scheduler.model = recording
+
+        async def together():
+            with eng.scheduler.cond:  # admitted in one step: held until all four wait
+                tasks = [asyncio.create_task(collect(eng, ids, **params)) for ids in prompts]
+                while len(eng.scheduler.waiting) < len(prompts):
+                    await asyncio.sleep(0)
+            return await asyncio.gather(*tasks)
+
+        batched = run(together())
+    finally:
+        eng.close()
+    assert widths[0] == (4, 12)  # one prefill forward, rows padded to the longest prompt
+    assert all(t == 1 for _, t in widths[1:])
+    for a, b in zip(alone, batched, strict=True):
+        assert b.token_ids == a.token_ids
+        got = [ev.logprobs[0]["logprob"] for ev in b.events]
+        want = [ev.logprobs[0]["logprob"] for ev in a.events]
+        assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_prefill_groups_bound_padding_budget_and_cache_end() -> None:
+    def seq(slot: int, cached: int = 0) -> SimpleNamespace:
+        return SimpleNamespace(slot=slot, cached=cached)
+
+    def slots(groups) -> list[list[int]]:
+        return [[s.slot for s, _ in g] for g in groups]
+
+    a, b, c, d = seq(0), seq(1), seq(2), seq(3)
+    # similar lengths run together, in slot order; a long chunk would pad short ones > 25%
+    assert slots(prefill_groups([(a, 30), (b, 100), (c, 28), (d, 32)], 512, 4096)) == [
+        [1],
+        [0, 2, 3],
+    ]
+    # the budget counts padding: 3 rows x 170 > 500
+    assert slots(prefill_groups([(a, 170), (b, 160), (c, 150)], 500, 4096)) == [[0, 1], [2]]
+    # a row whose padded positions would pass the end of its cache slot runs alone
+    assert slots(prefill_groups([(a, 10), (seq(4, cached=95), 5)], 512, 100)) == [[0], [4]]
 
 
 def test_usage_counts_prompt_and_completion(engine: Engine) -> None:

@@ -339,8 +339,9 @@ class Attention(nn.Module):
             q, k = apply_rope(qk, cos, sin).split((nh, nkv), dim=2)
         k_cache[step.write_slots, :, step.positions] = k.to(k_cache.dtype)
         v_cache[step.write_slots, :, step.positions] = v.to(v_cache.dtype)
-        keys = k_cache[step.read][:, :, : step.kv_len]
-        values = v_cache[step.read][:, :, : step.kv_len]
+        # one indexing op: slots as a tensor gather only the first kv_len positions
+        keys = k_cache[step.read, :, : step.kv_len]
+        values = v_cache[step.read, :, : step.kv_len]
         q = q.transpose(1, 2)
         if t == 1 or spec.attn_logit_softcapping:
             out = self._eager(q, keys, values, step.hidden[self.sliding]).to(x.dtype)

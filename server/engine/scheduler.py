@@ -7,7 +7,8 @@ server stays responsive while the model computes. Every iteration ("step"):
    waiting ones into free KV slots, up to `max_concurrent`;
 2. prefill: feed prompt chunks of sequences still prefilling, at most `prefill_chunk`
    tokens in total, so a long prompt neither needs activation memory for all of its
-   tokens at once nor stalls the streams already decoding for long;
+   tokens at once nor stalls the streams already decoding for long; chunks of similar
+   length run as one padded forward (`prefill_groups`);
 3. decode: one batched forward for every sequence that has a token to extend.
 
 A failure inside a step leaves the device in an unknown state (a CUDA error is
@@ -93,6 +94,39 @@ class Sequence:
     @property
     def prefilling(self) -> bool:
         return self.cached < len(self.prompt_ids)
+
+
+#: Most padding a batched prefill may add, as a share of the real tokens it computes.
+PREFILL_PAD_SHARE = 0.25
+
+
+def prefill_groups(
+    chunks: list[tuple[Sequence, int]], budget: int, max_len: int
+) -> list[list[tuple[Sequence, int]]]:
+    """Split one step's prompt chunks `(sequence, tokens)` into forwards run together.
+
+    A chunk of a few dozen tokens alone keeps the CPU kernels at a handful of rows, where
+    they run at about half the tokens/s of a few hundred rows (Qwen2.5-0.5B, 8 prompts of
+    32 tokens: 1.0 s one by one, 0.59 s in one forward), so chunks of similar length are
+    padded to a common width and run as one batch. A group stays within the prefill
+    budget counting its padding (the activation memory bound), wastes at most
+    `PREFILL_PAD_SHARE` on padding, and every row's padded positions fit in the cache.
+    """
+    order = sorted(chunks, key=lambda c: (-c[1], c[0].slot))
+    groups: list[list[tuple[Sequence, int]]] = []
+    for seq, n in order:
+        fits = seq.cached + (groups[-1][0][1] if groups else n) <= max_len
+        if groups and fits:
+            group = groups[-1]
+            width, real = group[0][1], sum(m for _, m in group) + n
+            padded = width * (len(group) + 1)
+            if padded <= budget and padded - real <= PREFILL_PAD_SHARE * real:
+                group.append((seq, n))
+                continue
+        groups.append([(seq, n)])
+    for group in groups:
+        group.sort(key=lambda c: c[0].slot)
+    return groups
 
 
 @dataclass(frozen=True)
@@ -237,22 +271,17 @@ class Scheduler:
             raise RuntimeError("injected device fault (test hook)")
         self.steps += 1
         budget = self.prefill_chunk
-        for seq in list(self.running):
+        chunks: list[tuple[Sequence, int]] = []
+        for seq in self.running:
             if budget <= 0:
                 break
             if not seq.prefilling or seq.cancelled:
                 continue
             n = min(budget, len(seq.prompt_ids) - seq.cached)
             budget -= n
-            chunk = seq.prompt_ids[seq.cached : seq.cached + n]
-            tokens = torch.tensor([chunk], device=self.device)
-            positions = torch.arange(seq.cached, seq.cached + n, device=self.device)[None]
-            last = torch.tensor([n - 1], device=self.device)
-            logits = self.model(tokens, positions, [seq.slot], self.cache, last)
-            seq.cached += n
-            if not seq.prefilling:
-                choices = sample_batch(logits, [seq.sampler])
-                self._accept(seq, choices[0])
+            chunks.append((seq, n))
+        for group in prefill_groups(chunks, self.prefill_chunk, self.max_len):
+            self._prefill(group)
         rows = sorted(
             (s for s in self.running if not s.prefilling and not s.done and not s.cancelled),
             key=lambda s: s.slot,
@@ -269,6 +298,36 @@ class Scheduler:
         choices = sample_batch(logits, [s.sampler for s in rows])
         for seq, choice in zip(rows, choices, strict=True):
             self._accept(seq, choice)
+
+    def _prefill(self, group: list[tuple[Sequence, int]]) -> None:
+        """One forward over the next prompt chunk of each sequence in `group`.
+
+        Rows are padded to the longest chunk. A padding token sits at the positions after
+        its row's chunk, in the row's own slot: its K/V land where that sequence's next
+        tokens will be written before anything reads them (and the causal mask hides them
+        from the row's real tokens), so padding never reaches a result.
+        """
+        width = max(n for _, n in group)
+        tokens, positions = [], []
+        for seq, n in group:
+            chunk = seq.prompt_ids[seq.cached : seq.cached + n]
+            tokens.append(chunk + [chunk[-1]] * (width - n))
+            positions.append(list(range(seq.cached, seq.cached + width)))
+        tokens_t = torch.tensor(tokens, device=self.device)
+        positions_t = torch.tensor(positions, device=self.device)
+        last = torch.tensor([n - 1 for _, n in group], device=self.device)
+        slots = [seq.slot for seq, _ in group]
+        logits = self.model(tokens_t, positions_t, slots, self.cache, last)
+        done = []
+        for row, (seq, n) in enumerate(group):
+            seq.cached += n
+            if not seq.prefilling:
+                done.append((row, seq))
+        if done:
+            picked = logits[[row for row, _ in done]]
+            choices = sample_batch(picked, [seq.sampler for _, seq in done])
+            for (_, seq), choice in zip(done, choices, strict=True):
+                self._accept(seq, choice)
 
     def _accept(self, seq: Sequence, choice: TokenChoice) -> None:
         """Turn a sampled token into text, decide whether the sequence ends, emit the event."""
