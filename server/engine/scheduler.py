@@ -115,12 +115,16 @@ def prefill_groups(
     order = sorted(chunks, key=lambda c: (-c[1], c[0].slot))
     groups: list[list[tuple[Sequence, int]]] = []
     for seq, n in order:
-        fits = seq.cached + (groups[-1][0][1] if groups else n) <= max_len
-        if groups and fits:
+        if groups:
             group = groups[-1]
-            width, real = group[0][1], sum(m for _, m in group) + n
+            width = group[0][1]  # the longest chunk: groups fill in descending length
             padded = width * (len(group) + 1)
-            if padded <= budget and padded - real <= PREFILL_PAD_SHARE * real:
+            real = sum(m for _, m in group) + n
+            if (
+                seq.cached + width <= max_len
+                and padded <= budget
+                and padded - real <= PREFILL_PAD_SHARE * real
+            ):
                 group.append((seq, n))
                 continue
         groups.append([(seq, n)])
