@@ -13,6 +13,10 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 # Tests must never reach a real hub, and must not share caches with the user.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Servers the tests start decode eagerly: compiling after ready (`--compile`, on by
+# default) would cost each of them seconds of CPU while its tests run, and switch decode
+# numerics mid-module. test_engine_compiled turns it on where it is the subject.
+os.environ.setdefault("MODELDEPLOY_COMPILE", "0")
 
 # Tiny-model fixtures (tiny_models, tiny_hf_model, tiny_gguf_model): tests/fixtures/plugin.py
 pytest_plugins = ["fixtures.plugin"]

@@ -386,20 +386,34 @@ class Engine:
             **extra,
         )
 
-    def settle_weights(self) -> None:
-        """Move weights still read from the conversion cache's file mapping into memory
-        that may get huge pages and pack a rescored head's fast pass, on a background
-        thread (`quant.settle`): a server calls it once it reported ready, since it
-        costs ~2 s of one core."""
+    def settle_weights(self, compile_decode: bool = False) -> None:
+        """What a server does once it reported ready, on a background thread: move
+        weights still read from the conversion cache's file mapping into memory that may
+        get huge pages, pack a rescored head's fast pass (`quant.settle`, ~2 s of one
+        core), then, with `compile_decode`, compile the decode step (`compiled`).
+
+        GET /model shows `weights.settled` false until all of it is done and
+        `weights.decode_step` what decode runs as.
+        """
         report = self.quant_report
-        if report is None or not (report.mapped or report.heads):
+        segments: list[Any] = []
+        heads: list[Any] = []
+        if report is not None:
+            segments, report.mapped = report.mapped, []
+            heads, report.heads = report.heads, []
+        if not (segments or heads or compile_decode):
             return
-        segments, report.mapped = report.mapped, []
-        heads, report.heads = report.heads, []
-        self.weights_info["settled"] = False  # GET /model shows when the copies are done
+        self.weights_info["settled"] = False
+        if compile_decode:
+            self.weights_info["decode_step"] = "compiling"
 
         def settle() -> None:
             qlayers.settle(segments, heads)
+            if compile_decode:
+                from modeldeploy.server.engine.compiled import compile_decode as build
+
+                device = self.placement.device
+                self.weights_info["decode_step"] = build(self.model, self.kv_dtype, device)
             self.weights_info["settled"] = True
 
         threading.Thread(target=settle, name="modeldeploy-weights", daemon=True).start()

@@ -468,6 +468,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_unit_offset)
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False, device=META)
         self.inv_freq: dict[bool, torch.Tensor] = {}
+        #: The blocks' compiled forwards for decode steps (`compiled.compile_decode`).
+        self.decode_layers: list[Any] | None = None
 
     def materialize(self, device: torch.device, dtype: torch.dtype) -> None:
         """Allocate uninitialised parameters (the loader overwrites all) and RoPE frequencies."""
@@ -545,7 +547,8 @@ class Transformer(nn.Module):
             x = x * torch.tensor(self.spec.embed_scale, dtype=x.dtype)
         step = self.step_for(positions, slots, x.dtype)
         cache.prepare(slots, step.kv_len)
-        for i, layer in enumerate(self.layers):
+        layers = self.decode_layers if tokens.shape[1] == 1 and self.decode_layers else self.layers
+        for i, layer in enumerate(layers):
             x = layer(x, step, cache.k[i], cache.v[i])
         if last_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last_index]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import mmap
@@ -382,6 +383,13 @@ class _Int8:
         self.dtype = KERNEL_DTYPE
         self.packed: Any = None
         self.row_sums: torch.Tensor | None = None
+        #: The packed weight's key in `_PACKED`, as a 0-d tensor (see `define_fbgemm_op`).
+        self.handle: torch.Tensor | None = None
+        self._key: int | None = None
+
+    def __del__(self) -> None:
+        if self._key is not None:
+            _PACKED.pop(self._key, None)
 
     def enable_dynamic(self, mapped: bool = False) -> None:
         """Prepack for FBGEMM and drop the plain weight (see `dynamic_int8_linear`).
@@ -397,13 +405,16 @@ class _Int8:
             ones[0, -1] = 0.0  # the pins' range [0, 1]
             self.row_sums = torch.ops.quantized.linear_dynamic(ones, packed, False)[0]
             self.packed = packed
+            self._key = next(_NEXT_KEY)
+            _PACKED[self._key] = packed
+            self.handle = torch.tensor(self._key)
             if mapped:
                 release_pages(self.weight)
             self.weight = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return dynamic_int8_linear(x, self.packed, self.row_sums)
+            return dynamic_int8_linear(x, self.packed, self.row_sums, self.handle)
         if x.shape[0] >= DEQUANT_MIN_ROWS:
             w = self.weight.to(KERNEL_DTYPE).mul_(self.scales[:, None])
             return F.linear(x, w)
@@ -463,7 +474,9 @@ def prepack_dynamic_int8(weight: torch.Tensor, scales: torch.Tensor) -> Any:
         return torch.ops.quantized.linear_prepack(qw, None)
 
 
-def dynamic_int8_linear(x: torch.Tensor, packed: Any, row_sums: torch.Tensor) -> torch.Tensor:
+def dynamic_int8_linear(
+    x: torch.Tensor, packed: Any, row_sums: torch.Tensor, handle: torch.Tensor | None = None
+) -> torch.Tensor:
     """x (M, K) @ W.T through FBGEMM, each input row rounded to 8 bits on its own range.
 
     FBGEMM quantizes its whole input with one scale and zero point from the input's
@@ -478,8 +491,41 @@ def dynamic_int8_linear(x: torch.Tensor, packed: Any, row_sums: torch.Tensor) ->
     lo, hi = torch.aminmax(xf, dim=-1, keepdim=True)
     r = (hi - lo).clamp_min_(1e-30)
     u = torch.cat(((xf - lo) / r, _RANGE_PINS.expand(xf.shape[0], 2)), dim=-1)
-    y = torch.ops.quantized.linear_dynamic(u, packed, False)
+    if handle is not None and torch.compiler.is_compiling():
+        y = torch.ops.modeldeploy.fbgemm_dynamic_linear(u, handle, row_sums)  # define_fbgemm_op
+    else:
+        y = torch.ops.quantized.linear_dynamic(u, packed, False)
     return torch.addcmul(y.mul_(r), lo, row_sums).to(KERNEL_DTYPE)
+
+
+#: FBGEMM's packed weights by handle. torch.compile cannot trace the packed object (a
+#: TorchScript class), so a compiled graph passes its handle instead (`define_fbgemm_op`).
+_PACKED: dict[int, Any] = {}
+_NEXT_KEY = itertools.count()
+
+
+@functools.cache
+def define_fbgemm_op() -> None:
+    """Define `torch.ops.modeldeploy.fbgemm_dynamic_linear`: FBGEMM's dynamic linear as
+    a custom op, which torch.compile keeps as one opaque call in its graph.
+
+    Its inputs are all tensors: the packed weight travels as a 0-d handle tensor, so the
+    24 layers of a model share one graph (an int would be a constant, one graph per
+    layer), and `row_sums` (N,) gives the output width to the op's shape function.
+    Defined by the compiler's caller (`compiled.compile_decode`), not at import:
+    declaring a custom op costs start-up time that a server without torch.compile
+    need not pay.
+    """
+
+    @torch.library.custom_op("modeldeploy::fbgemm_dynamic_linear", mutates_args=())
+    def fbgemm_dynamic_linear(
+        u: torch.Tensor, handle: torch.Tensor, row_sums: torch.Tensor
+    ) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(u, _PACKED[int(handle)], False)
+
+    @fbgemm_dynamic_linear.register_fake
+    def _(u: torch.Tensor, handle: torch.Tensor, row_sums: torch.Tensor) -> torch.Tensor:
+        return u.new_empty((u.shape[0], row_sums.shape[0]))
 
 
 class _Dense:

@@ -199,7 +199,7 @@ async def load_model(runtime: ServerRuntime, on_failure: Callable[[], None]) -> 
         await _warm_up(runtime)
         if lifecycle.advance(Phase.READY):
             log.info("ready", extra={"uptime_secs": lifecycle.snapshot()["uptime_secs"]})
-            engine.settle_weights()
+            engine.settle_weights(compile_decode=runtime.settings.compile)
     except asyncio.CancelledError:
         raise
     except Exception as exc:

@@ -156,6 +156,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("max-prompt-tokens", _positive_int, 16384, "longest prompt accepted (tokens)"),
     Option("max-model-len", _positive_int, None, "context length (default: the model's)"),
     Option("prefill-chunk", _positive_int, 512, "prompt tokens per prefill step"),
+    Option(
+        "compile",
+        _boolean,
+        True,
+        "compile the decode step with torch.compile once ready (CPU, needs g++)",
+        kind="bool",
+    ),
     Option("chat-template", _existing_file, None, "Jinja chat template file to use instead"),
     Option("max-body-bytes", _byte_size, 4 * MiB, "largest request body; more gets 413"),
     Option("drain-timeout", _positive_float, 30.0, "seconds SIGTERM waits for in-flight requests"),
@@ -189,6 +196,7 @@ class ServeSettings:
     max_prompt_tokens: int = 16384
     max_model_len: int | None = None
     prefill_chunk: int = 512
+    compile: bool = True
     chat_template: Path | None = None
     max_body_bytes: int = 4 * MiB
     drain_timeout: float = 30.0
