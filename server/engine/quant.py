@@ -56,7 +56,12 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 from modeldeploy.server.contract import ENV_PREFIX
-from modeldeploy.server.engine.memory import release_pages, to_anonymous
+from modeldeploy.server.engine.memory import (
+    loading_heap,
+    release_free_heap,
+    release_pages,
+    to_anonymous,
+)
 from modeldeploy.server.errors import UserInputError
 from torch import nn
 
@@ -413,12 +418,16 @@ class _Int8:
             self.weight = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # Read before `packed`: a server packs on a background thread while it serves, and
+        # `enable_dynamic` stores `packed` before it drops `weight`, so one of the two is
+        # always there to use.
+        weight = self.weight
         if self.packed is not None:
             return dynamic_int8_linear(x, self.packed, self.row_sums, self.handle)
         if x.shape[0] >= DEQUANT_MIN_ROWS:
-            w = self.weight.to(KERNEL_DTYPE).mul_(self.scales[:, None])
+            w = weight.to(KERNEL_DTYPE).mul_(self.scales[:, None])
             return F.linear(x, w)
-        return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
+        return torch.ops.aten._weight_int8pack_mm(x, weight, self.scales)
 
     def int8_weight(self) -> torch.Tensor:
         """The (N, K) int8 codes, from the packed copy when that is all there is."""
@@ -1007,6 +1016,8 @@ class QuantReport:
     mapped: list[Any] = field(default_factory=list, repr=False)
     #: Rescored heads whose fast coarse pass is still to be packed (`settle`).
     heads: list[Any] = field(default_factory=list, repr=False)
+    #: int8 segments still to be packed for FBGEMM (`quantize_gguf_model(pack=False)`).
+    packs: list[Any] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
@@ -1096,9 +1107,20 @@ def move_to_memory(segments: list[_Int4 | _Int8 | _Dense]) -> None:
             seg.weight = to_anonymous(seg.weight)
 
 
-def settle(segments: list[_Int4 | _Int8 | _Dense], heads: list[RescoredHead]) -> None:
-    """What a server does once it is ready, on a background thread: weights out of the
-    file mapping (`move_to_memory`), then each rescored head onto its fast pass."""
+def settle(
+    segments: list[_Int4 | _Int8 | _Dense],
+    heads: list[RescoredHead],
+    packs: Sequence[_Int8] = (),
+    mapped: bool = False,
+) -> None:
+    """What a server does once it is ready, on a background thread: the FBGEMM packing
+    it skipped to be ready sooner (`packs`, read from the file mapping when `mapped`),
+    weights out of the file mapping (`move_to_memory`), then each rescored head onto its
+    fast pass."""
+    if packs:
+        with loading_heap():  # packing's temporaries in mappings of their own, as at load
+            _enable_dynamic_all(list(packs), mapped)
+        release_free_heap()
     move_to_memory(segments)
     for head in heads:
         head.speed_up()
@@ -1125,6 +1147,7 @@ def quantize_gguf_model(
     quantize_embedding: bool = True,
     progress: Callable[[int, int, str], None] | None = None,
     cache_dir: Path | None = None,
+    pack: bool = True,
 ) -> QuantReport:
     """Swap the model's 2-D projection layers for QuantLinear built from GGUF bytes.
 
@@ -1135,6 +1158,9 @@ def quantize_gguf_model(
     `permuted=True` undoes llama.cpp's q/k row permutation (llama/mistral files).
     With `cache_dir` (CPU only) the converted layers are saved there on the first load
     and memory-mapped on the next ones, so a restart skips the conversion entirely.
+    `pack=False` leaves FBGEMM's packing of the dynamic int8 layers (most of a cached
+    load) to `settle`, listed in `report.packs`; until then those layers multiply with
+    the weight-only int8 kernel.
     """
     from modeldeploy.server.engine.weights import _part_rows, gguf_target, unpermute_qk
 
@@ -1254,7 +1280,10 @@ def quantize_gguf_model(
             progress(done, total, "quantized layers")
     if cache_file is not None and cached is None and fresh:
         _save_cache(cache_file, fresh)
-    _enable_dynamic_all(to_pack, mapped=cached is not None)
+    if pack:
+        _enable_dynamic_all(to_pack, mapped=cached is not None)
+    else:
+        report.packs = to_pack
     report.mapped = to_move
     report.cache = str(cache_file) if cache_file else None
     report.cache_hit = cached is not None

@@ -132,6 +132,7 @@ def _load_engine(runtime: ServerRuntime, model_path: str, slug_dir: str) -> Any:
         chat_template_file=settings.chat_template,
         progress=runtime.lifecycle.set_progress,
         quant=settings.quant,
+        defer_packing=True,  # settle_weights packs once ready
     )
     engine.served_model_name = runtime.model_name
     return engine
