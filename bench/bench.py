@@ -137,8 +137,9 @@ class HttpPeer:
         raise RuntimeError(f"{self.name} not ready after {timeout}s (log {self.log})")
 
     def _wait_settled(self, until: float) -> None:
-        """Ours finishes settling its weights in the background after /ready (copies out
-        of the cache file, the head's FBGEMM packing: ~2 s of one core; compiling the
+        """Ours finishes settling its weights in the background after /ready (gate|up's
+        FBGEMM packing, copies out of the cache file, the head's FBGEMM packing: ~2.5 s
+        of one core; compiling the
         decode step: ~14 s, seconds from a warm Inductor cache); measure the steady
         state, not that. Servers without `/model` `weights.settled` pass at once."""
         while time.perf_counter() < until:
