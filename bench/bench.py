@@ -139,9 +139,9 @@ class HttpPeer:
     def _wait_settled(self, until: float) -> None:
         """Ours finishes settling its weights in the background after /ready (gate|up's
         FBGEMM packing, copies out of the cache file, the head's FBGEMM packing: ~2.5 s
-        of one core; compiling the
-        decode step: ~14 s, seconds from a warm Inductor cache); measure the steady
-        state, not that. Servers without `/model` `weights.settled` pass at once."""
+        of one core; compiling the decode step: ~14 s, seconds from a warm Inductor
+        cache); measure the steady state, not that. Servers without `/model`
+        `weights.settled` pass at once."""
         while time.perf_counter() < until:
             try:
                 weights = httpx.get(self.url + "/model", timeout=2).json().get("weights") or {}
