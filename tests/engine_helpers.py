@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -32,6 +33,14 @@ async def collect(engine: Engine, prompt, **params) -> Result:
 
 def run(coro):
     return asyncio.run(coro)
+
+
+def wait_settled(engine: Engine, timeout: float = 600) -> None:
+    """Wait for `Engine.settle_weights`'s background work (GET /model's `weights.settled`)."""
+    deadline = time.monotonic() + timeout
+    while not engine.weights_info.get("settled") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.weights_info.get("settled"), engine.weights_info
 
 
 def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:

@@ -5,11 +5,10 @@ reason where it cannot compile."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 import torch
-from engine_helpers import collect, one_torch_thread, run
+from engine_helpers import collect, one_torch_thread, run, wait_settled
 from modeldeploy.server.engine import compiled, quant
 from modeldeploy.server.engine.engine import Engine
 from modeldeploy.server.engine.model import KVCache
@@ -69,9 +68,7 @@ def test_compiled_decode_matches_eager_and_never_compiles_mid_serving(tiny_model
         eager = decode_logits(engine, ids, 8)
         engine.settle_weights(compile_decode=True)  # what a server does once ready
         assert engine.weights_info["settled"] is False
-        deadline = time.monotonic() + 600
-        while not engine.weights_info["settled"] and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_settled(engine)
         assert engine.weights_info["decode_step"].startswith("compiled in")
         assert engine.model.decode_layers is not None
         torch.compiler.set_stance("fail_on_recompile")

@@ -6,10 +6,9 @@ once computes."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
-from engine_helpers import collect, one_torch_thread, run
+from engine_helpers import collect, one_torch_thread, run, wait_settled
 from modeldeploy.server.engine import quant
 from modeldeploy.server.engine.engine import Engine
 
@@ -35,13 +34,6 @@ def greedy(engine: Engine, max_tokens: int = 12) -> list[list[int]]:
         return [r.token_ids for r in rs]
 
     return run(go())
-
-
-def wait_settled(engine: Engine) -> None:
-    deadline = time.monotonic() + 120
-    while not engine.weights_info.get("settled") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert engine.weights_info.get("settled"), engine.weights_info
 
 
 def test_deferred_packing_serves_before_during_and_after_the_swap(tiny_models):
