@@ -70,20 +70,59 @@ def test_compiled_decode_matches_eager_and_never_compiles_mid_serving(tiny_model
         assert engine.weights_info["settled"] is False
         wait_settled(engine)
         assert engine.weights_info["decode_step"].startswith("compiled in")
-        assert engine.model.decode_layers is not None
+        blocks = engine.model.decode_blocks
+        assert blocks is not None
         torch.compiler.set_stance("fail_on_recompile")
         try:
             runs = greedy_runs(engine)
             got = decode_logits(engine, ids, 8)
         finally:
             torch.compiler.set_stance("eager_on_recompile")
+        assert blocks.fallbacks == 0  # every block ran a compiled graph by our dispatch
         assert runs[0] == runs[3]
         agree = (got.argmax(-1) == eager.argmax(-1)).float().mean()
 
         assert agree >= 0.9
         assert (got - eager).abs().max() <= 0.05 * eager.abs().max()
     finally:
-        engine.model.decode_layers = None
+        engine.model.decode_blocks = None
+        engine.close()
+
+
+@pytest.mark.skipif(
+    not quant.cpu_kernels_available(), reason="torch build lacks the CPU int4/int8 kernels"
+)
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
+def test_a_variant_no_graph_was_compiled_for_runs_eagerly(tiny_models):
+    """Input no compiled graph accepts (float32 activations: the graphs take bf16) goes
+    through torch.compile's own path, which runs it eagerly: the eager blocks' bits."""
+    engine = Engine.load(
+        tiny_models.gguf("qwen2", "Q8_0"),
+        dtype="bfloat16",
+        device="cpu",
+        max_concurrent=2,
+        max_model_len=64,
+    )
+    try:
+        if compiled.unavailable(engine.model, engine.placement.device) is not None:
+            pytest.skip("no compiler")
+        model = engine.model
+        outcome = compiled.compile_decode(model, engine.kv_dtype, engine.placement.device)
+        assert outcome.startswith("compiled in")
+        blocks = model.decode_blocks
+        cache = KVCache(engine.spec, 2, 16, engine.kv_dtype, engine.placement.device)
+        cache.prepare([0, 1], 16)
+        with torch.inference_mode():
+            step = model.step_for(torch.tensor([[5], [9]]), [0, 1], torch.float32)
+            x = torch.randn(2, 1, engine.spec.hidden_size)
+            want = x
+            for i, layer in enumerate(model.layers):
+                want = layer(want, step, cache.k[i], cache.v[i])
+            got = blocks(x, step, cache)
+        assert blocks.fallbacks == len(model.layers)
+        assert torch.equal(got, want)
+    finally:
+        engine.model.decode_blocks = None
         engine.close()
 
 
@@ -93,6 +132,6 @@ def test_without_a_compiler_decode_stays_eager_and_says_why(tiny_models, monkeyp
     try:
         outcome = compiled.compile_decode(engine.model, engine.kv_dtype, engine.placement.device)
         assert outcome == "eager: no C++ compiler (/nonexistent/g++) for torch.compile"
-        assert engine.model.decode_layers is None
+        assert engine.model.decode_blocks is None
     finally:
         engine.close()

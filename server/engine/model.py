@@ -468,8 +468,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_unit_offset)
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False, device=META)
         self.inv_freq: dict[bool, torch.Tensor] = {}
-        #: The blocks' compiled forwards for decode steps (`compiled.compile_decode`).
-        self.decode_layers: list[Any] | None = None
+        #: The blocks' compiled decode graphs, (x, step, cache) -> x
+        #: (`compiled.DecodeBlocks`, installed by `compiled.compile_decode`).
+        self.decode_blocks: Any = None
 
     def materialize(self, device: torch.device, dtype: torch.dtype) -> None:
         """Allocate uninitialised parameters (the loader overwrites all) and RoPE frequencies."""
@@ -547,9 +548,11 @@ class Transformer(nn.Module):
             x = x * torch.tensor(self.spec.embed_scale, dtype=x.dtype)
         step = self.step_for(positions, slots, x.dtype)
         cache.prepare(slots, step.kv_len)
-        layers = self.decode_layers if tokens.shape[1] == 1 and self.decode_layers else self.layers
-        for i, layer in enumerate(layers):
-            x = layer(x, step, cache.k[i], cache.v[i])
+        if tokens.shape[1] == 1 and self.decode_blocks is not None:
+            x = self.decode_blocks(x, step, cache)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, step, cache.k[i], cache.v[i])
         if last_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last_index]
         logits = self.lm_head(self.norm(x)).float()
