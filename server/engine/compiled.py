@@ -198,7 +198,8 @@ class DecodeBlocks:
         steps: list[tuple[list[list[int]], list[int]]],
     ) -> DecodeBlocks:
         """Group the blocks into kinds by what every cache entry's guards say of them on
-        every scratch variant, and check each entry's code gives its wrapper's bits."""
+        every scratch variant, and check, on the first block of each kind and variant,
+        that the entry's code gives its torch.compile wrapper's bits."""
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
         layers = list(model.layers)
@@ -210,13 +211,15 @@ class DecodeBlocks:
         signatures: list[list[tuple[bool, ...]]] = [[] for _ in layers]
         for positions, slots in steps:
             x, step = _scratch_input(model, cache, positions, slots)
+            checked: set[tuple[bool, ...]] = set()
             for i, layer in enumerate(layers):
                 frame = _frame(layer, x, step, cache.k[i], cache.v[i])
                 hits = tuple(bool(e.guard_manager.check(frame)) for e in found)
                 if not any(hits):
                     raise RuntimeError(f"no compiled graph accepts block {i}")
                 signatures[i].append(hits)
-                if i < 2:  # the code dynamo would run must give the wrapper's bits
+                if hits not in checked:  # the entry's code must give the wrapper's bits
+                    checked.add(hits)
                     j = hits.index(True)
                     got = codes[j](layer, x, step, cache.k[i], cache.v[i])
                     if not torch.equal(got, wrappers[i](x, step, cache.k[i], cache.v[i])):
