@@ -150,11 +150,6 @@ def _run(
         x = layer(x, step, cache.k[i], cache.v[i])
 
 
-def _frame(layer: torch.nn.Module, x, step: Step, k_cache, v_cache) -> dict[str, Any]:
-    """`Block.forward`'s locals as dynamo's guards read them."""
-    return {"self": layer, "x": x, "step": step, "k_cache": k_cache, "v_cache": v_cache}
-
-
 class DecodeBlocks:
     """The blocks of a decode step through their compiled graphs, minus torch.compile's
     per-call cost.
@@ -169,9 +164,9 @@ class DecodeBlocks:
     variant (their weights differ only in values) form a *kind*. Per step, the first
     block of each kind has its guards checked against the entries, most recently used
     first, and the entry found runs the other blocks of that kind and layout too. When
-    no entry accepts a block (a variant not compiled), its layers go through their
-    torch.compile wrappers, which run it eagerly (`eager_on_recompile`) exactly as
-    before. vLLM dispatches to dynamo's compiled bytecode the same way.
+    no entry accepts a block (a variant not compiled), the blocks of its kind go through
+    their torch.compile wrappers, which run them eagerly (`eager_on_recompile`) exactly
+    as before. vLLM dispatches to dynamo's compiled bytecode the same way.
     """
 
     def __init__(
@@ -182,12 +177,19 @@ class DecodeBlocks:
         entries: list[list[tuple[Any, Callable[..., torch.Tensor]]]],
     ) -> None:
         self.layers = layers
+        #: The block forward's argument names: the frame locals its guards read.
+        self.arg_names = self._arg_names(layers)
         self.wrappers = wrappers
         self.kinds = kinds
         #: Per kind: (guards, code as a function) of the entries that accepted its blocks.
         self.entries = entries
         #: Blocks run through their torch.compile wrapper (no entry accepted them).
         self.fallbacks = 0
+
+    @staticmethod
+    def _arg_names(layers: list[torch.nn.Module]) -> tuple[str, ...]:
+        code = type(layers[0]).forward.__code__
+        return code.co_varnames[: code.co_argcount]
 
     @classmethod
     def install(
@@ -208,12 +210,13 @@ class DecodeBlocks:
         if not found:
             raise RuntimeError("torch.compile left no cache entries for the blocks")
         codes = [types.FunctionType(e.code, forward.__globals__) for e in found]
+        names = cls._arg_names(layers)
         signatures: list[list[tuple[bool, ...]]] = [[] for _ in layers]
         for positions, slots in steps:
             x, step = _scratch_input(model, cache, positions, slots)
             checked: set[tuple[bool, ...]] = set()
             for i, layer in enumerate(layers):
-                frame = _frame(layer, x, step, cache.k[i], cache.v[i])
+                frame = dict(zip(names, (layer, x, step, cache.k[i], cache.v[i]), strict=True))
                 hits = tuple(bool(e.guard_manager.check(frame)) for e in found)
                 if not any(hits):
                     raise RuntimeError(f"no compiled graph accepts block {i}")
@@ -252,7 +255,7 @@ class DecodeBlocks:
         self, kind: int, layer: torch.nn.Module, x, step: Step, cache: KVCache, i: int
     ) -> Callable[..., torch.Tensor] | None:
         """The code of the entry whose guards accept block `i` now, moved to the front."""
-        frame = _frame(layer, x, step, cache.k[i], cache.v[i])
+        frame = dict(zip(self.arg_names, (layer, x, step, cache.k[i], cache.v[i]), strict=True))
         entries = self.entries[kind]
         for n, (guards, code) in enumerate(entries):
             if guards.check(frame):

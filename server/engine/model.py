@@ -19,6 +19,7 @@ small ones on both CPU and GPU; the loaders concatenate the checkpoint's tensors
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -470,7 +471,7 @@ class Transformer(nn.Module):
         self.inv_freq: dict[bool, torch.Tensor] = {}
         #: The blocks' compiled decode graphs, (x, step, cache) -> x
         #: (`compiled.DecodeBlocks`, installed by `compiled.compile_decode`).
-        self.decode_blocks: Any = None
+        self.decode_blocks: Callable[[torch.Tensor, Step, KVCache], torch.Tensor] | None = None
 
     def materialize(self, device: torch.device, dtype: torch.dtype) -> None:
         """Allocate uninitialised parameters (the loader overwrites all) and RoPE frequencies."""
