@@ -33,3 +33,16 @@ def mapping_of(addr: int) -> dict[str, str]:
 def resident_kb(addr: int) -> int:
     """Resident kB of the mapping holding `addr`."""
     return int(mapping_of(addr)["Rss"].split()[0])
+
+
+def file_resident_kb(path: str) -> int:
+    """Resident kB of every mapping of the file at `path` in this process (0 if none)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
+                inside = len(fields) > 5 and fields[5] == str(path)
+            elif inside and line.startswith("Rss:"):
+                total += int(fields[1])
+    return total

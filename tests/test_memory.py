@@ -3,10 +3,15 @@ what the kernel reports in /proc/self/smaps."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import torch
 from modeldeploy.server.engine import memory
-from proc_maps import linux_only, mapping_of, resident_kb
+from modeldeploy.server.engine.engine import Engine
+from modeldeploy.server.formats.gguf_file import GGUFFile
+from proc_maps import file_resident_kb, linux_only, mapping_of, resident_kb
 
 
 @linux_only
@@ -34,3 +39,35 @@ def test_small_pages_keeps_a_kv_cache_out_of_huge_pages():
     t = torch.empty(8 << 20, dtype=torch.uint8)
     memory.small_pages(t)
     assert "nh" in mapping_of(t.data_ptr())["VmFlags"].split()
+
+
+def private_copy(path: Path, tmp_path: Path) -> Path:
+    """A copy no other test maps, so that its resident pages are this test's alone."""
+    copy = tmp_path / path.name
+    shutil.copyfile(path, copy)
+    return copy
+
+
+@linux_only
+def test_gguf_release_pages_hands_back_what_reading_touched(tiny_models, tmp_path):
+    """Reading tensors through the GGUF mapping makes its pages resident; handing them
+    back drops them from RSS, and the same bytes can still be read afterwards."""
+    path = private_copy(tiny_models.gguf("qwen2", "Q8_0"), tmp_path)
+    gguf = GGUFFile.open(path)
+    sums = {t.name: int(gguf.raw(t.name).view(np.uint8).sum()) for t in gguf.tensors}
+    assert file_resident_kb(str(path)) > 0
+    gguf.release_pages()
+    assert file_resident_kb(str(path)) == 0
+    assert sums == {t.name: int(gguf.raw(t.name).view(np.uint8).sum()) for t in gguf.tensors}
+
+
+@linux_only
+def test_a_loaded_gguf_model_keeps_none_of_its_file_resident(tiny_models, tmp_path):
+    """Once loaded, the model's weights live in their converted form: none of the GGUF
+    file's pages should count against the pod's memory any more."""
+    path = private_copy(tiny_models.gguf("qwen2", "Q8_0"), tmp_path)
+    engine = Engine.load(path, dtype="bfloat16", device="cpu", max_concurrent=1, max_model_len=64)
+    try:
+        assert file_resident_kb(str(path)) == 0
+    finally:
+        engine.close()

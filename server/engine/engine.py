@@ -276,6 +276,8 @@ class Engine:
             )
             if os.environ.get(FAULT_ENV, "") not in ("", "0"):
                 self.inject_fault()
+            if files.gguf is not None:
+                files.gguf.release_pages()
             release_free_heap()
         self.load_seconds = time.monotonic() - started
         log.info(

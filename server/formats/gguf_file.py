@@ -356,6 +356,24 @@ class GGUFFile:
         """Drop the data mapping (views handed out keep their own reference)."""
         self._data = None
 
+    def release_pages(self) -> None:
+        """Hand back the pages of the file mapping that this process has touched.
+
+        Once a model is loaded, nothing reads through the mapping any more: rows that are
+        still needed are read with pread (`quant.FileRows`). But the pages touched while
+        loading stay mapped, and so they count in the process's RSS. Linux maps a whole
+        page-cache folio (up to 2 MB) around every page it faults in, so the few small
+        norms and biases spread over the file left 75 MB of the Qwen2.5-0.5B GGUF
+        resident.
+
+        The mapping is read-only and shared, so this loses nothing. A later read faults
+        the page back in from the page cache. Views handed out earlier stay valid.
+        """
+        mapping = getattr(self._data, "_mmap", None)  # numpy's own mmap.mmap of the file
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if mapping is not None and advice is not None:
+            mapping.madvise(advice)
+
     @property
     def architecture(self) -> str | None:
         """`general.architecture` as the file states it (llama.cpp's names)."""
