@@ -302,6 +302,20 @@ def quantile(xs: list[float], q: float) -> float:
 # the run
 
 
+def compile_our_sources() -> None:
+    """Byte-compile the product's modules, as installing it into an image does.
+
+    `pip install .` (Dockerfile.server) writes every module's .pyc, so a pod imports
+    them precompiled. The bench runs the editable checkout instead, and where
+    PYTHONDONTWRITEBYTECODE is set (as in this workplace), every start would compile
+    the sources again: 0.4-0.5 s of start-up that no pod pays (measured: importing the
+    HTTP app and the engine took 2.73-2.91 s with .pyc files, 3.21-3.74 s without).
+    """
+    import compileall
+
+    compileall.compile_dir(REPO / "server", quiet=1)
+
+
 def build_peers(args: argparse.Namespace) -> dict[str, HttpPeer | WorkerPeer]:
     work, t = args.work, args.threads
     threads_env = {"OMP_NUM_THREADS": str(t), "MODELDEPLOY_THREADS": str(t)}
@@ -310,6 +324,7 @@ def build_peers(args: argparse.Namespace) -> dict[str, HttpPeer | WorkerPeer]:
     peers: dict[str, HttpPeer | WorkerPeer] = {}
     for name in args.peers:
         if name == "ours":
+            compile_our_sources()
             peers[name] = HttpPeer(
                 name,
                 [
