@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from modeldeploy.server.engine import memory
+from modeldeploy.server.engine import memory, quant
 from modeldeploy.server.engine.engine import Engine
 from modeldeploy.server.formats.gguf_file import GGUFFile
 from proc_maps import file_resident_kb, linux_only, mapping_of, resident_kb
@@ -62,10 +62,11 @@ def test_gguf_release_pages_hands_back_what_reading_touched(tiny_models, tmp_pat
 
 
 @linux_only
-def test_a_loaded_gguf_model_keeps_none_of_its_file_resident(tiny_models, tmp_path):
+def test_a_loaded_gguf_model_keeps_none_of_its_file_resident(tiny_models, tmp_path, monkeypatch):
     """Once loaded, the model's weights live in their converted form: none of the GGUF
     file's pages should count against the pod's memory any more."""
     path = private_copy(tiny_models.gguf("qwen2", "Q8_0"), tmp_path)
+    monkeypatch.setenv(quant.CACHE_ENV, str(tmp_path / "quant"))  # keyed by the copy's path
     engine = Engine.load(path, dtype="bfloat16", device="cpu", max_concurrent=1, max_model_len=64)
     try:
         assert file_resident_kb(str(path)) == 0
