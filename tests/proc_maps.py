@@ -3,46 +3,50 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
 linux_only = pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux only")
 
 
-def mapping_of(addr: int) -> dict[str, str]:
-    """The smaps fields of the mapping holding `addr`, its file under "path" ("" if
-    anonymous); "Rss" reads like "1088 kB", "VmFlags" like "rd wr mr mw me ac nh"."""
-    found: dict[str, str] | None = None
+def _mappings() -> Iterator[tuple[int, int, dict[str, str]]]:
+    """(start, end, smaps fields) of every mapping of this process; the fields hold the
+    mapped file under "path" ("" if anonymous), "Rss" reads like "1088 kB", "VmFlags"
+    like "rd wr mr mw me ac nh"."""
+    current: tuple[int, int, dict[str, str]] | None = None
     with open("/proc/self/smaps") as f:
         for line in f:
             fields = line.split()
             if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
-                if found is not None:
-                    break
+                if current is not None:
+                    yield current
                 lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                if lo <= addr < hi:
-                    found = {"path": fields[5] if len(fields) > 5 else ""}
-            elif found is not None:
+                current = (lo, hi, {"path": fields[5] if len(fields) > 5 else ""})
+            elif current is not None:
                 key, _, value = line.partition(":")
-                found[key] = value.strip()
-    if found is None:
-        raise LookupError(f"no mapping holds {addr:#x}")
-    return found
+                current[2][key] = value.strip()
+    if current is not None:
+        yield current
+
+
+def mapping_of(addr: int) -> dict[str, str]:
+    """The smaps fields of the mapping holding `addr` (see `_mappings`)."""
+    for lo, hi, fields in _mappings():
+        if lo <= addr < hi:
+            return fields
+    raise LookupError(f"no mapping holds {addr:#x}")
+
+
+def _kb(fields: dict[str, str]) -> int:
+    return int(fields["Rss"].split()[0])
 
 
 def resident_kb(addr: int) -> int:
     """Resident kB of the mapping holding `addr`."""
-    return int(mapping_of(addr)["Rss"].split()[0])
+    return _kb(mapping_of(addr))
 
 
 def file_resident_kb(path: str) -> int:
     """Resident kB of every mapping of the file at `path` in this process (0 if none)."""
-    total, inside = 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            fields = line.split()
-            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
-                inside = len(fields) > 5 and fields[5] == str(path)
-            elif inside and line.startswith("Rss:"):
-                total += int(fields[1])
-    return total
+    return sum(_kb(fields) for _, _, fields in _mappings() if fields["path"] == str(path))

@@ -191,6 +191,13 @@ class DecodeBlocks:
         code = type(layers[0]).forward.__code__
         return code.co_varnames[: code.co_argcount]
 
+    @staticmethod
+    def _frame(
+        names: tuple[str, ...], layer: torch.nn.Module, x, step: Step, cache: KVCache, i: int
+    ) -> dict[str, Any]:
+        """Block `i`'s forward locals, as dynamo's guards read them."""
+        return dict(zip(names, (layer, x, step, cache.k[i], cache.v[i]), strict=True))
+
     @classmethod
     def install(
         cls,
@@ -216,7 +223,7 @@ class DecodeBlocks:
             x, step = _scratch_input(model, cache, positions, slots)
             checked: set[tuple[bool, ...]] = set()
             for i, layer in enumerate(layers):
-                frame = dict(zip(names, (layer, x, step, cache.k[i], cache.v[i]), strict=True))
+                frame = cls._frame(names, layer, x, step, cache, i)
                 hits = tuple(bool(e.guard_manager.check(frame)) for e in found)
                 if not any(hits):
                     raise RuntimeError(f"no compiled graph accepts block {i}")
@@ -255,7 +262,7 @@ class DecodeBlocks:
         self, kind: int, layer: torch.nn.Module, x, step: Step, cache: KVCache, i: int
     ) -> Callable[..., torch.Tensor] | None:
         """The code of the entry whose guards accept block `i` now, moved to the front."""
-        frame = dict(zip(self.arg_names, (layer, x, step, cache.k[i], cache.v[i]), strict=True))
+        frame = self._frame(self.arg_names, layer, x, step, cache, i)
         entries = self.entries[kind]
         for n, (guards, code) in enumerate(entries):
             if guards.check(frame):
