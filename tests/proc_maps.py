@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 from collections.abc import Iterator
 
@@ -50,3 +52,14 @@ def resident_kb(addr: int) -> int:
 def file_resident_kb(path: str) -> int:
     """Resident kB of every mapping of the file at `path` in this process (0 if none)."""
     return sum(_kb(fields) for _, _, fields in _mappings() if fields["path"] == str(path))
+
+
+def resident_pages(addr: int, nbytes: int) -> int:
+    """How many of the pages covering [addr, addr + nbytes) are resident (mincore(2))."""
+    page = mmap.PAGESIZE
+    start, end = addr // page * page, -(-(addr + nbytes) // page) * page
+    vec = (ctypes.c_ubyte * ((end - start) // page))()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(end - start), vec) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return sum(b & 1 for b in vec)

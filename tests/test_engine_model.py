@@ -48,6 +48,7 @@ def test_batched_decode_in_scattered_slots_equals_each_alone(engine) -> None:
         cache = KVCache(engine.spec, 4, 64, torch.float32, "cpu")
         for t in (*cache.k, *cache.v):  # what uninitialised memory may hold
             t.fill_(float("nan"))
+        cache.clean = [0] * 4  # as a cache zeroed lazily, by writing (a GPU's), finds it
         # a stale occupant in slots 3 and 0 (never visible); slot 2 holds only NaN beyond its
         # short prompt, inside the range the longer rows make the batch attend over
         for s in (3, 0):

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from engine_helpers import collect, run
 from modeldeploy.server.engine import memory, quant
 from modeldeploy.server.engine.engine import Engine
+from modeldeploy.server.engine.model import KVCache
 from modeldeploy.server.formats.gguf_file import GGUFFile
-from proc_maps import file_resident_kb, linux_only, mapping_of, resident_kb
+from proc_maps import file_resident_kb, linux_only, mapping_of, resident_kb, resident_pages
 
 
 @linux_only
@@ -39,6 +41,66 @@ def test_small_pages_keeps_a_kv_cache_out_of_huge_pages():
     t = torch.empty(8 << 20, dtype=torch.uint8)
     memory.small_pages(t)
     assert "nh" in mapping_of(t.data_ptr())["VmFlags"].split()
+
+
+@linux_only
+def test_zero_pages_zeroes_a_tensor_by_handing_back_all_but_its_edge_pages():
+    """Zeroing by madvise: the tensor reads as zeros and keeps at most the two partial
+    pages it shares with its neighbours, whose values are left alone."""
+    base = torch.full((3 << 20,), float("nan"))  # 12 MB, every page written
+    t = base[5:-7]  # both ends inside a page
+    nbytes = t.numel() * t.element_size()
+    assert resident_pages(t.data_ptr(), nbytes) > 3000
+    memory.zero_pages(t)
+    assert resident_pages(t.data_ptr(), nbytes) <= 2  # checked before reading maps zero pages
+    assert int(torch.count_nonzero(t)) == 0
+    assert bool(base[:5].isnan().all()) and bool(base[-7:].isnan().all())
+
+
+def _kv_pages(cache: KVCache, slot: int | None = None) -> int:
+    tensors = [*cache.k, *cache.v]
+    parts = tensors if slot is None else [t[slot] for t in tensors]
+    return sum(resident_pages(t.data_ptr(), t.numel() * t.element_size()) for t in parts)
+
+
+@linux_only
+def test_kv_cache_release_zeroes_one_slot_and_hands_back_its_pages(tiny_models):
+    """A released slot reads as zeros and holds no memory; its neighbours keep their K/V."""
+    engine = Engine.load(tiny_models.gguf("qwen2", "Q8_0"), device="cpu", max_model_len=64)
+    engine.close()
+    cache = KVCache(engine.spec, 3, 4096, torch.float32, "cpu")
+    fresh = _kv_pages(cache)
+    assert fresh <= 2 * 2 * engine.spec.num_layers  # zeroed by handing back, not by writing
+    for t in (*cache.k, *cache.v):
+        t[0].fill_(1.0)
+        t[1].fill_(2.0)
+        t[2].fill_(3.0)
+    assert _kv_pages(cache, 1) > 2 * 2 * engine.spec.num_layers
+    cache.release(1)
+    assert _kv_pages(cache, 1) <= 2 * 2 * engine.spec.num_layers
+    for t in (*cache.k, *cache.v):
+        assert int(torch.count_nonzero(t[1])) == 0
+        assert bool((t[0] == 1.0).all()) and bool((t[2] == 3.0).all())
+
+
+@linux_only
+def test_a_finished_request_leaves_no_kv_cache_memory_behind(tiny_models):
+    """After a long prompt finishes, its slot's K/V no longer count against the pod's
+    memory: only the partial pages at the slots' edges stay resident."""
+    engine = Engine.load(
+        tiny_models.gguf("qwen2", "Q8_0"), device="cpu", max_concurrent=2, max_model_len=512
+    )
+    try:
+        cache = engine.cache
+        edges = 2 * 2 * len(cache.k)  # two partial pages per K or V tensor and zeroing
+        before = _kv_pages(cache)
+        assert before <= edges
+        prompt = [10 + i % 400 for i in range(480)]  # most of a 512-position slot
+        result = run(collect(engine, prompt, max_tokens=4, temperature=0.0, ignore_eos=True))
+        assert len(result.token_ids) == 4
+        assert _kv_pages(cache) <= 2 * edges
+    finally:
+        engine.close()
 
 
 def private_copy(path: Path, tmp_path: Path) -> Path:

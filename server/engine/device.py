@@ -103,6 +103,7 @@ def kv_cache_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     Decode attention is a few small matmuls per layer; on CPU oneDNN runs them 2-3x
     slower in bf16 than in float32 (bench/QUANT.md), which costs more per token than the
     doubled cache bandwidth at serving lengths. Untouched cache pages cost no memory
-    (the cache is zeroed lazily), and the context sizing counts the real element size.
+    (`KVCache` zeroes by handing pages back), and the context sizing counts the real
+    element size.
     """
     return torch.float32 if device.type == "cpu" else dtype

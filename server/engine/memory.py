@@ -48,19 +48,26 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def _madvise(addr: int, nbytes: int, advice: int | None, *, inner: bool) -> None:
-    """madvise over whole pages: those inside the range (`inner`) or covering it;
-    `advice` None (not defined on this platform) does nothing."""
-    if advice is None:
-        return
+def _pages(addr: int, nbytes: int, *, inner: bool) -> tuple[int, int]:
+    """[start, end) of the whole pages inside the range (`inner`) or covering it."""
     page = mmap.PAGESIZE
     if inner:
-        start, end = -(-addr // page) * page, (addr + nbytes) // page * page
-    else:
-        start, end = addr // page * page, -(-(addr + nbytes) // page) * page
+        return -(-addr // page) * page, (addr + nbytes) // page * page
+    return addr // page * page, -(-(addr + nbytes) // page) * page
+
+
+def _madvise(addr: int, nbytes: int, advice: int | None, *, inner: bool) -> bool:
+    """madvise over whole pages (see `_pages`); True when the kernel took the advice.
+    `advice` None (not defined on this platform) does nothing."""
+    if advice is None:
+        return False
+    start, end = _pages(addr, nbytes, inner=inner)
     libc = _libc()
-    if libc is not None and end > start:
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
+    if libc is None:
+        return False
+    if end <= start:
+        return True
+    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice) == 0
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
@@ -73,6 +80,34 @@ def release_pages(t: torch.Tensor) -> None:
     Never for anonymous memory, which DONTNEED would zero."""
     nbytes = t.numel() * t.element_size()
     _madvise(t.data_ptr(), nbytes, getattr(mmap, "MADV_DONTNEED", None), inner=True)
+
+
+def can_hand_back_pages() -> bool:
+    """Whether `zero_pages` zeroes memory by handing it back (else by writing zeros)."""
+    return _libc() is not None and hasattr(mmap, "MADV_DONTNEED")
+
+
+def zero_pages(t: torch.Tensor) -> None:
+    """Zero a contiguous CPU tensor that torch allocated (private anonymous memory) by
+    handing its whole pages back to the kernel: they read as zeros and cost no memory
+    until something writes them. Only the partial pages at its two ends are written.
+
+    Why: the KV cache is zeroed slot by slot when a sequence leaves, so the positions a
+    finished long prompt reached stop counting against the pod's memory, and a slot
+    costs memory only for the positions its sequence writes. Never for a tensor in a
+    file mapping, whose pages would read back from the file, not as zeros.
+    """
+    flat = t.view(-1)
+    addr, elem = t.data_ptr(), t.element_size()
+    start, end = _pages(addr, flat.numel() * elem, inner=True)
+    if end <= start:
+        flat.zero_()
+        return
+    head, tail = (start - addr) // elem, (end - addr) // elem
+    flat[:head].zero_()
+    flat[tail:].zero_()
+    if not _madvise(start, end - start, getattr(mmap, "MADV_DONTNEED", None), inner=True):
+        flat[head:tail].zero_()
 
 
 def small_pages(t: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from modeldeploy.server.engine.memory import small_pages
+from modeldeploy.server.engine.memory import can_hand_back_pages, small_pages, zero_pages
 from modeldeploy.server.errors import UnsupportedArchitectureError
 from modeldeploy.server.formats.config import SUPPORTED_ARCHITECTURES
 from torch import nn
@@ -253,10 +253,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Static per-layer K/V of shape (num_slots, kv_heads, max_len, head_dim).
 
-    Allocated once at load so decoding never reallocates. Allocated empty and zeroed
-    lazily per slot up to the highest position a batch attends (`prepare`): a masked-out
-    value row still enters `attn @ v`, and uninitialised memory may hold NaN, but zeroing
-    the whole cache up front would make every slot's full context resident at once.
+    Allocated once at load so decoding never reallocates. A masked-out value row still
+    enters `attn @ v`, and uninitialised memory may hold NaN, so every position a step
+    reads must be finite; zeroing the whole cache by writing would make every slot's
+    full context resident at once. On CPU the cache is instead zeroed by handing its
+    pages back (`memory.zero_pages`): it reads as zeros and costs memory only where a
+    sequence wrote, and a slot is handed back again when its sequence leaves
+    (`release`), so a finished long prompt stops counting against the pod's memory.
+    Elsewhere (a GPU) slots are zeroed by writing, lazily, up to the highest position a
+    batch attends (`prepare`).
     """
 
     ZERO_CHUNK = 256
@@ -267,12 +272,16 @@ class KVCache:
         shape = (num_slots, spec.num_kv_heads, max_len, spec.head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
-        if torch.device(device).type == "cpu":
-            for t in (*self.k, *self.v):
-                small_pages(t)  # a slot touches only the positions it reached
         self.num_slots = num_slots
         self.max_len = max_len
-        self.clean = [0] * num_slots  # positions [0, clean[s]) of slot s hold finite values
+        #: Zeroed by handing pages back (CPU with madvise), not by writing.
+        self.paged = torch.device(device).type == "cpu" and can_hand_back_pages()
+        if self.paged:
+            for t in (*self.k, *self.v):
+                small_pages(t)  # a slot touches only the positions it reached
+                zero_pages(t)
+        # positions [0, clean[s]) of slot s hold finite values
+        self.clean = [max_len if self.paged else 0] * num_slots
 
     def prepare(self, slots: list[int], kv_len: int) -> None:
         """Make positions [0, kv_len) of these slots finite before a step reads them."""
@@ -284,8 +293,16 @@ class KVCache:
                 t[s, :, self.clean[s] : end].zero_()
             self.clean[s] = end
 
+    def release(self, slot: int) -> None:
+        """Hand a free slot's pages back (CPU): it reads as zeros, costs no memory."""
+        if self.paged:
+            for t in (*self.k, *self.v):
+                zero_pages(t[slot])
+
     def move(self, src: int, dst: int, length: int) -> None:
-        """Copy positions [0, length) of slot `src` into slot `dst` (slot compaction)."""
+        """Copy positions [0, length) of slot `src` into slot `dst` (slot compaction);
+        what `dst` held beyond them is released first."""
+        self.release(dst)
         if length > 0:
             for t in (*self.k, *self.v):
                 t[dst, :, :length] = t[src, :, :length]

@@ -266,6 +266,7 @@ class Scheduler:
         if top is not None and top.slot > freed:
             self.cache.move(top.slot, freed, top.cached)
             top.slot, freed = freed, top.slot
+        self.cache.release(freed)
         self.free_slots.append(freed)
         self.free_slots.sort()
 
