@@ -316,35 +316,49 @@ def compile_our_sources() -> None:
     compileall.compile_dir(REPO / "server", quiet=1)
 
 
+def serving_shape(args: argparse.Namespace) -> tuple[int, int]:
+    """(slots, context) every server gets: one slot per stream of the highest
+    concurrency, a context for the longest prompt plus the decoded tokens."""
+    return max(args.concurrency), max(args.prompt_lens) + args.decode_tokens + 64
+
+
+def threads_env(args: argparse.Namespace) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(args.threads), "MODELDEPLOY_THREADS": str(args.threads)}
+
+
+def ours_command(args: argparse.Namespace, port: int) -> list[str]:
+    """`modeldeploy serve` as the bench starts it (bench/rss_stages.py starts it so too)."""
+    slots, ctx = serving_shape(args)
+    return [
+        str(REPO / ".venv/bin/modeldeploy"),
+        "serve",
+        str(args.model),
+        "--port",
+        str(port),
+        "--max-concurrent",
+        str(slots),
+        "--max-model-len",
+        str(ctx),
+        "--log-level",
+        "warning",
+        "--slug-root",
+        str(args.work / "slugs"),
+        *args.ours_args,
+    ]
+
+
 def build_peers(args: argparse.Namespace) -> dict[str, HttpPeer | WorkerPeer]:
     work, t = args.work, args.threads
-    threads_env = {"OMP_NUM_THREADS": str(t), "MODELDEPLOY_THREADS": str(t)}
-    slots = max(args.concurrency)
-    ctx = max(args.prompt_lens) + args.decode_tokens + 64
+    slots, ctx = serving_shape(args)
     peers: dict[str, HttpPeer | WorkerPeer] = {}
     for name in args.peers:
         if name == "ours":
             compile_our_sources()
             peers[name] = HttpPeer(
                 name,
-                [
-                    str(REPO / ".venv/bin/modeldeploy"),
-                    "serve",
-                    str(args.model),
-                    "--port",
-                    str(port := free_port()),
-                    "--max-concurrent",
-                    str(slots),
-                    "--max-model-len",
-                    str(ctx),
-                    "--log-level",
-                    "warning",
-                    "--slug-root",
-                    str(work / "slugs"),
-                    *args.ours_args,
-                ],
+                ours_command(args, port := free_port()),
                 "/ready",
-                threads_env,
+                threads_env(args),
                 port,
                 model_name=args.model.name,
             )
@@ -393,7 +407,7 @@ def build_peers(args: argparse.Namespace) -> dict[str, HttpPeer | WorkerPeer]:
                     "ctx": ctx,
                     "dtype": args.transformers_dtype,
                 },
-                threads_env,
+                threads_env(args),
             )
         else:
             raise SystemExit(f"unknown peer {name!r}")
@@ -556,7 +570,7 @@ def _metric_order(m: str) -> tuple:
     return (group, int(digits[0]) if digits and group in (1, 3) else 0, m)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path, nargs="?", help="the .gguf every peer loads")
     ap.add_argument(
@@ -575,7 +589,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--render", type=Path, default=None, help="re-print a saved JSON result")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.render:
         table = markdown(json.loads(args.render.read_text()))
         args.render.with_suffix(".md").write_text(table)

@@ -4,9 +4,10 @@
 says which stage raised it. It starts one server, then reads /proc/PID/status at each
 stage: ready, weights settled (the decode step compiled), each of three ~2000-token
 prompts, then 128 tokens at 1, 4, 8 and 16 streams. At the settled and final stages
-it also lists the mappings holding the most resident memory. RssShmem (weights moved
-to anonymous memory by `memory.to_anonymous`, shown as `zero`) is in VmRSS but in
-neither RssAnon nor RssFile.
+it also lists the mappings holding the most resident memory. The server is started
+exactly as `bench.py` starts it (`bench.ours_command`, sources byte-compiled).
+RssShmem (weights moved to anonymous memory by `memory.to_anonymous`, shown as `zero`)
+is in VmRSS but in neither RssAnon nor RssFile.
 
     .venv/bin/python bench/rss_stages.py MODEL.gguf [extra `serve` options, e.g. --no-compile]
 """
@@ -18,15 +19,14 @@ import json
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench import compile_our_sources, free_port, ours_command, parse_args, threads_env
+
 WORDS = [
     "alpha",
     "beta",
@@ -42,12 +42,6 @@ WORDS = [
     "layer",
 ]
 _MAPPING = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def status(pid: int) -> str:
@@ -74,23 +68,13 @@ def top_mappings(pid: int, n: int = 8) -> str:
 
 def main() -> None:
     model, extra = sys.argv[1], sys.argv[2:]
+    args = parse_args([model, f"--ours-args={' '.join(extra)}"])
+    args.model = args.model.resolve()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, OMP_NUM_THREADS="2", MODELDEPLOY_THREADS="2")
-    cmd = [
-        str(REPO / ".venv/bin/modeldeploy"),
-        "serve",
-        model,
-        "--port",
-        str(port),
-        "--max-concurrent",
-        "16",
-        "--max-model-len",
-        "2240",
-        "--log-level",
-        "warning",
-        *extra,
-    ]  # the bench's options
+    env = dict(os.environ, **threads_env(args))
+    cmd = ours_command(args, port)
+    compile_our_sources()
     started = time.monotonic()
     proc = subprocess.Popen(cmd, env=env)
 

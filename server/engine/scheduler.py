@@ -255,7 +255,8 @@ class Scheduler:
 
         The highest occupant moves into the freed slot (one copy of its cached K/V), so a
         decode batch reads its rows' caches as one slice instead of gathering every row's
-        whole history at every step. Runs on the scheduler thread only.
+        whole history at every step. The slot left free hands its K/V memory back
+        (`KVCache.release`). Runs on the scheduler thread only.
         """
         seq.done = True
         if seq not in self.running:
