@@ -90,7 +90,9 @@ def test_exact_int4_layer_matches_dequantized_linear(qtype):
 def test_requantized_int8_layer_matches_dequantized_linear(qtype):
     rows, cols = 96, 256
     raw = random_blocks(qtype, rows, cols, seed=2)
-    layer = QuantLinear.from_gguf(qtype, raw, (rows, cols), torch.float32)
+    # Q5_0 without the Q5_0 kernel (tests/test_block_kernel.py has it with the kernel)
+    policy = QuantPolicy(native_q5=False)
+    layer = QuantLinear.from_gguf(qtype, raw, (rows, cols), torch.float32, policy=policy)
     assert layer.schemes == ["int8"]
     w = reference(qtype, raw, cols)
     step = w.abs().amax(dim=1, keepdim=True) / 127
@@ -200,7 +202,10 @@ def test_embedding_dequantizes_only_looked_up_rows():
 
 
 def test_policy_names():
-    assert QuantPolicy.parse(None).scheme_for(Q.Q5_0) == Scheme.INT8
+    native = Scheme.Q5_0 if quant.block_kernel.available() else Scheme.INT8
+    assert QuantPolicy.parse(None).scheme_for(Q.Q5_0) == native
+    assert QuantPolicy.parse(None).scheme_for(Q.Q6_K) == Scheme.INT8
+    assert QuantPolicy.parse("int8").scheme_for(Q.Q5_0) == Scheme.INT8
     assert QuantPolicy.parse("auto").scheme_for(Q.Q4_K) == Scheme.INT4
     assert QuantPolicy.parse("int4").scheme_for(Q.Q6_K) == Scheme.INT4
     assert QuantPolicy.parse("dense").scheme_for(Q.Q4_0) == Scheme.DENSE
@@ -219,7 +224,7 @@ def test_int4_codes_unpack_inverts_the_cpu_packer():
     ("scheme", "m"),
     [(Scheme.INT4, 2 * quant.DEQUANT_MIN_ROWS), (Scheme.INT8, quant.DEQUANT_MIN_ROWS)],
 )
-def test_prompt_sized_inputs_take_the_bf16_path_with_the_same_result(scheme, m):
+def test_prompt_sized_inputs_take_the_dequantized_path_with_the_same_result(scheme, m):
     w = torch.randn(128, 256)
     layer = QuantLinear.from_float(w, scheme)
     x = torch.randn(m, 256)

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 from modeldeploy.server.contract import cache_root
-from modeldeploy.server.engine import quant
+from modeldeploy.server.engine import block_kernel, quant
 from modeldeploy.server.engine.model import KVCache, Step, Transformer
 
 log = logging.getLogger("modeldeploy.engine")
@@ -81,6 +81,8 @@ def compile_decode(model: Transformer, kv_dtype: torch.dtype, device: torch.devi
         import torch.fx.experimental._config as fx_config
 
         quant.define_fbgemm_op()
+        if block_kernel.available():
+            block_kernel.define_op()
         # One graph per block variant (int4/int8 down projection, masks, slot layout):
         # beyond torch's default 8 a variant would silently run eagerly.
         torch._dynamo.config.recompile_limit = 64

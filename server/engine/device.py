@@ -8,6 +8,7 @@ reported by `/model`, because "why is it slow / why do the logits differ" starts
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,19 +32,29 @@ class Placement:
     device: torch.device
     dtype: torch.dtype
     reason: str
+    #: The user named the dtype (`--dtype`), rather than `auto` choosing it.
+    explicit: bool = False
 
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX-BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        flags = []
-    if "avx512_bf16" in flags or "amx_bf16" in flags:
+    if {"avx512_bf16", "amx_bf16"} & cpu_flags():
         return True
     return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
 
@@ -65,7 +76,7 @@ def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
     if dtype not in ("auto", "", *DTYPES):
         raise UserInputError(f"--dtype {dtype}: expected auto, {', '.join(DTYPES)}")
     if dtype not in ("auto", ""):
-        return Placement(dev, DTYPES[dtype], f"--dtype {dtype}")
+        return Placement(dev, DTYPES[dtype], f"--dtype {dtype}", explicit=True)
     if dev.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return Placement(dev, torch.bfloat16, "auto: CUDA device supports bfloat16")

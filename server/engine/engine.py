@@ -21,13 +21,14 @@ from typing import Any
 
 import torch
 from modeldeploy.server.contract import cache_root
+from modeldeploy.server.engine import block_kernel, weights
 from modeldeploy.server.engine import quant as qlayers
-from modeldeploy.server.engine import weights
 from modeldeploy.server.engine.chat_template import ChatTemplate
 from modeldeploy.server.engine.cpu import configure_threads
 from modeldeploy.server.engine.device import (
     Placement,
     choose_placement,
+    cpu_has_fast_bf16,
     kv_cache_dtype,
     memory_info,
 )
@@ -294,9 +295,11 @@ class Engine:
     def _weight_policy(self, name: str) -> tuple[bool, str]:
         """Whether GGUF weights go to quant's int4/int8 CPU kernels, and why (for /model).
 
-        The kernels exist only on CPU and compute in bfloat16, so `auto` uses them only
-        when the model runs in bfloat16 anyway: an explicit --dtype float32 stays exact
-        (the float reference). int8/int4 force them whatever the dtype; dense never.
+        The kernels exist only on CPU. torch's compute in bfloat16, so `auto` uses them
+        only when the model runs in bfloat16 anyway, or where `auto` chose float32 (a CPU
+        without native bf16) and our block kernel, which reads float32 rows, runs: an
+        explicit --dtype float32 stays exact (the float reference). int8/int4 force them
+        whatever the dtype; dense never.
         """
         if self.files.gguf is None:
             return False, "SafeTensors weights are loaded as stored"
@@ -306,10 +309,18 @@ class Engine:
             return False, "policy dense: GGUF weights dequantized to the model dtype"
         if not qlayers.cpu_kernels_available():
             return False, "this torch build lacks the CPU int4/int8 kernels; dense"
-        if name == "auto" and self.placement.dtype != torch.bfloat16:
+        blocks = not self.placement.explicit and block_kernel.available()
+        if name == "auto" and self.placement.dtype != torch.bfloat16 and not blocks:
             return False, (
                 f"policy auto with dtype {self.placement.dtype_name}: kernels compute in "
                 "bfloat16, so the float weights stay exact"
+            )
+        if name == "auto" and blocks:
+            return True, (
+                "policy auto: Q5_0 in its own blocks, other quantized types as 7-bit blocks "
+                "(block kernel), Q4_0/Q4_1/Q4_K "
+                + ("as int4 groups (exact)" if cpu_has_fast_bf16() else "as 7-bit blocks")
+                + ", float tensors dense"
             )
         return True, (
             f"policy {name}: Q4_0/Q4_1/Q4_K as int4 groups (exact), other quantized types "

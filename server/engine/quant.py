@@ -15,7 +15,10 @@ GGUF maps onto them as follows (w = dequantized weight, q = stored code):
 | Q4_K | q * d*sc - dmin*m | scale = d*sc, zero = 8*scale - dmin*m (exact) |
 
 "Exact" up to rounding the per-group scale/zero to bfloat16 (relative 2^-9), far below
-the 4-bit step. Every other quantized type (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, Q2_K, Q3_K)
+the 4-bit step. Where our C kernel runs (`block_kernel.py`: activations rounded to int8
+per block of 32), Q5_0 keeps its own blocks exactly and the other types below become
+7-bit blocks of 32 instead. Otherwise every other quantized type (Q5_0, Q5_1, Q5_K,
+Q6_K, Q8_0, Q2_K, Q3_K)
 carries more bits than int4 and per-block scales that int8's per-row scale cannot hold,
 so it is *requantized* by `QuantPolicy.requant`: int8 per row (default: small extra
 error, 1 byte/weight), int4 per group of 32 (faster, lossy) or dense (exact, 2
@@ -56,6 +59,8 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 from modeldeploy.server.contract import ENV_PREFIX
+from modeldeploy.server.engine import block_kernel
+from modeldeploy.server.engine.device import cpu_has_fast_bf16
 from modeldeploy.server.engine.memory import (
     loading_heap,
     release_free_heap,
@@ -96,6 +101,10 @@ class Scheme(StrEnum):
 
     INT4 = "int4"
     INT8 = "int8"
+    #: GGUF Q5_0 blocks as they are, multiplied by `block_kernel`.
+    Q5_0 = "q5_0"
+    #: 7-bit codes per block of 32 with an fp16 scale, multiplied by `block_kernel`.
+    Q7 = "q7"
     DENSE = "dense"
 
 
@@ -113,7 +122,8 @@ class QuantPolicy:
     checks). `rescored_head` holds the output head as int4 with exact rescoring of each
     row's best candidates (`RescoredHead`). `dynamic_int8` runs int8 layers through
     FBGEMM with 8-bit activations (`dynamic_int8_linear`) instead of the weight-only
-    kernel.
+    kernel. `blocks` hands layers to `block_kernel` where it runs: Q5_0 in its own blocks,
+    other inexact types (and Q4_K where torch's int4 kernel is slow) as 7-bit blocks.
     """
 
     requant: Scheme = Scheme.INT8
@@ -121,6 +131,7 @@ class QuantPolicy:
     keep_int4: bool = True
     rescored_head: bool = True
     dynamic_int8: bool = True
+    blocks: bool = True
     #: Group size for weights requantized to int4 (exact int4 types keep GGUF's 32).
     requant_group: int = GGUF_GROUP
 
@@ -135,23 +146,29 @@ class QuantPolicy:
         if name == "auto":
             return cls()
         if name == "int8":
-            return cls(rescored_head=False, dynamic_int8=False)
+            return cls(rescored_head=False, dynamic_int8=False, blocks=False)
         if name == "int4":
-            return cls(requant=Scheme.INT4)
+            return cls(requant=Scheme.INT4, blocks=False)
         if name == "dense":
             return cls(
                 requant=Scheme.DENSE,
                 keep_int4=False,
                 rescored_head=False,
                 dynamic_int8=False,
+                blocks=False,
             )
         raise QuantPolicyError(f"quant policy '{text}': expected one of {', '.join(cls.NAMES)}")
 
     def scheme_for(self, ggml_type: GGMLQuantizationType) -> Scheme:
         if ggml_type in FLOAT_TYPES:
             return self.floats
+        native = self.blocks and block_kernel.available()
         if ggml_type in EXACT_INT4_TYPES and self.keep_int4:
-            return Scheme.INT4
+            return Scheme.Q7 if native and not cpu_has_fast_bf16() else Scheme.INT4
+        if native and ggml_type == Q.Q5_0:
+            return Scheme.Q5_0
+        if native and self.requant == Scheme.INT8:
+            return Scheme.Q7
         return self.requant
 
     def rescores(self, ggml_type: GGMLQuantizationType, vocab: int) -> bool:
@@ -172,14 +189,30 @@ class QuantPolicy:
 #: of 128: its top candidates are recomputed exactly, so the coarser grid only touches the
 #: tail, and the head reads 12% fewer bytes than with groups of 32 (scales and zeros are
 #: 4 bytes a group): measured 3.9 -> 3.6 ms for Qwen's 152k x 896 head.
-COARSE_HEAD_POLICY = QuantPolicy(requant=Scheme.INT4, rescored_head=False, requant_group=128)
+COARSE_HEAD_POLICY = QuantPolicy(
+    requant=Scheme.INT4, rescored_head=False, requant_group=128, blocks=False
+)
+
+
+def coarse_head_policy() -> QuantPolicy:
+    """The coarse pass as Q5_0 blocks where `block_kernel` runs, else int4 g128.
+
+    Why: on an AVX2 CPU without native bf16 (an EPYC 7xx3 here) torch's int4 kernel took
+    25 ms for Qwen's 152k x 896 head at one row and the Q5_0 kernel 6-15 ms, though it
+    reads 30 % more bytes; the finer grid also ranks the candidates better. Where FBGEMM
+    runs with VNNI, its int8 pass replaces either once the server is ready.
+    """
+    if block_kernel.available():
+        return QuantPolicy(requant=Scheme.Q5_0, rescored_head=False)
+    return COARSE_HEAD_POLICY
+
 
 #: The policy of a rescored head's fast coarse pass: int8 rows, multiplied through FBGEMM
 #: (`RescoredHead.speed_up`). On the AMD EPYC this was measured on it beats the int4 pass
 #: at every batch size (152k x 896: 3.3 against 3.5 ms for one row, 6.6 against 12.7 ms
 #: for 8, 10.2 against 25.3 for 16): the int4 kernel's cost grows with the rows, FBGEMM's
 #: barely. Packing it takes 1.5 s of one core, so it happens after the server is ready.
-FAST_HEAD_POLICY = QuantPolicy(requant=Scheme.INT8, rescored_head=False)
+FAST_HEAD_POLICY = QuantPolicy(requant=Scheme.INT8, rescored_head=False, blocks=False)
 #: Rows per FBGEMM segment of a sped-up head. Packing holds transient copies of what it
 #: packs: Qwen's 152k-row head packed whole raised the server's peak RSS by ~400 MB.
 FAST_HEAD_ROWS = 1 << 16
@@ -315,6 +348,39 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 # Segments: one kernel call each; a layer is a row-wise concatenation of segments
 
 
+def _unpack_int4(packed: torch.Tensor, n: int, k: int, b: int) -> torch.Tensor:
+    blocks = packed.view(n // b, k, b // 2).transpose(1, 2)  # (n/b, b/2, k) strided
+    out = torch.empty(n // b, b, k, dtype=torch.uint8)
+    torch.bitwise_and(blocks, 0x0F, out=out[:, : b // 2])
+    torch.bitwise_right_shift(blocks, 4, out=out[:, b // 2 :])
+    return out.view(n, k)
+
+
+@functools.cache
+def int4_block_rows() -> int | None:
+    """Rows per block of torch's int4 packing on this CPU, or None if neither known layout
+    matches. The packer's layout follows the CPU's vector width (64 rows with AVX-512, 32
+    with AVX2: on an AVX2 EPYC, reading it as 64 turned every prompt of 128 tokens and
+    more into noise), so it is probed once on random codes instead of assumed."""
+    if not cpu_kernels_available():
+        return None
+    n, k = 128, 64
+    codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1)
+    for b in (64, 32):
+        if torch.equal(_unpack_int4(packed, n, k, b), codes.to(torch.uint8)):
+            return b
+    return None
+
+
+@functools.cache
+def gemm_dtype() -> torch.dtype:
+    """The dtype of the one GEMM a prompt chunk runs on a dequantized weight: bf16 where
+    the CPU multiplies it natively, else float32 (on an AVX2 EPYC, 896 x 9728 at M = 512:
+    521 ms in bf16 against 115 ms in float32)."""
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
 class _Int4:
     scheme = Scheme.INT4
 
@@ -324,32 +390,34 @@ class _Int4:
         self.dtype = KERNEL_DTYPE
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] >= 2 * DEQUANT_MIN_ROWS and self.out_features % 64 == 0:
-            return F.linear(x, self.weight_bf16())
+        block = int4_block_rows()
+        if x.shape[0] >= 2 * DEQUANT_MIN_ROWS and block and self.out_features % block == 0:
+            dtype = gemm_dtype()
+            return F.linear(x.to(dtype), self.weight_as(dtype))
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, self.packed, self.group, self.scale_zero
         )
 
     def codes(self) -> torch.Tensor:
-        """The (N, K) uint8 codes back from int4pack (N % 64 == 0 only).
+        """The (N, K) uint8 codes back from int4pack (N a multiple of the packer's block).
 
-        Layout found by probing torch 2.13's CPU packer: each 64-row block is a (K, 32)
-        byte array whose byte [k, j] holds row j in the low and row j + 32 in the high
-        nibble of column k. Tests check this against the kernel itself.
+        Layout found by probing torch 2.13's CPU packer (`int4_block_rows`): each block of
+        B rows (64 on AVX-512 CPUs, 32 on AVX2 ones) is a (K, B/2) byte array whose byte
+        [k, j] holds row j in the low and row j + B/2 in the high nibble of column k.
+        Tests check this against the kernel itself.
         """
+        b = int4_block_rows()
+        if not b:
+            raise RuntimeError("torch's int4 packing layout is not one we can read")
         n, k = self.out_features, self.packed.shape[1] * 2
-        blocks = self.packed.view(n // 64, k, 32).transpose(1, 2)  # (n/64, 32, k) strided
-        out = torch.empty(n // 64, 64, k, dtype=torch.uint8)
-        torch.bitwise_and(blocks, 0x0F, out=out[:, :32])
-        torch.bitwise_right_shift(blocks, 4, out=out[:, 32:])
-        return out.view(n, k)
+        return _unpack_int4(self.packed, n, k, b)
 
-    def weight_bf16(self) -> torch.Tensor:
-        """The weight in bf16, for prompt chunks: there a bf16 GEMM beats the int4 kernel."""
+    def weight_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in `dtype`, for prompt chunks: there one GEMM beats the int4 kernel."""
         n, k = self.out_features, self.packed.shape[1] * 2
-        scale = self.scale_zero[..., 0].T.unsqueeze(-1)  # (N, groups, 1)
-        offset = self.scale_zero[..., 1].T.unsqueeze(-1) - 8 * scale  # w = q * scale + offset
-        q = self.codes().view(n, -1, self.group).to(KERNEL_DTYPE)
+        scale = self.scale_zero[..., 0].T.unsqueeze(-1).to(dtype)  # (N, groups, 1)
+        offset = self.scale_zero[..., 1].T.unsqueeze(-1).to(dtype) - 8 * scale
+        q = self.codes().view(n, -1, self.group).to(dtype)  # w = q * scale + offset
         return q.mul_(scale).add_(offset).view(n, k)
 
     def dense(self) -> torch.Tensor:
@@ -425,8 +493,9 @@ class _Int8:
         if self.packed is not None:
             return dynamic_int8_linear(x, self.packed, self.row_sums, self.handle)
         if x.shape[0] >= DEQUANT_MIN_ROWS:
-            w = weight.to(KERNEL_DTYPE).mul_(self.scales[:, None])
-            return F.linear(x, w)
+            dtype = gemm_dtype()
+            w = weight.to(dtype).mul_(self.scales[:, None].to(dtype))
+            return F.linear(x.to(dtype), w)
         return torch.ops.aten._weight_int8pack_mm(x, weight, self.scales)
 
     def int8_weight(self) -> torch.Tensor:
@@ -465,9 +534,19 @@ def dynamic_int8_available() -> bool:
         x = torch.ones(2, 32, dtype=KERNEL_DTYPE)
         x[1, 0] = -1.0
         y = dynamic_int8_linear(x, packed, torch.full((16,), 16.0))
+        # Full-range codes: without VNNI, FBGEMM sums pairs of u8 x s8 products in int16
+        # (vpmaddubsw), which saturates at 2 x 255 x 127; on an AVX2 EPYC that made
+        # gate|up 14-23 % wrong. Such a CPU keeps the weight-only kernel.
+        big = torch.full((16, 64), 127, dtype=torch.int8)
+        packed = prepack_dynamic_int8(big, torch.ones(16, dtype=KERNEL_DTYPE))
+        u = torch.ones(1, 64, dtype=KERNEL_DTYPE)
+        u[0, 0] = 0.0  # range [0, 1]: every other input at the top code
+        sums = torch.full((16,), 127.0 * 64)
+        y_big = dynamic_int8_linear(u, packed, sums)
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
-    return bool((y[0] == 16).all() and (y[1] == 15).all())
+    exact = bool((y[0] == 16).all() and (y[1] == 15).all())
+    return exact and bool(torch.allclose(y_big, torch.full_like(y_big, 127.0 * 63), rtol=1e-2))
 
 
 def prepack_dynamic_int8(weight: torch.Tensor, scales: torch.Tensor) -> Any:
@@ -537,6 +616,29 @@ def define_fbgemm_op() -> None:
         return u.new_empty((u.shape[0], row_sums.shape[0]))
 
 
+class _Blocks:
+    """Rows as `block_kernel` records (Q5_0's own bits, or 7-bit blocks); takes float32 or
+    bf16 rows as they come (`dtype` None: no cast) and returns float32."""
+
+    dtype = None
+
+    def __init__(self, packed: torch.Tensor) -> None:
+        self.packed = packed
+        self.out_features = block_kernel.out_features(packed)
+        q5 = packed.shape[-1] == block_kernel.Q5_RECORD
+        self.scheme = Scheme.Q5_0 if q5 else Scheme.Q7
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return block_kernel.linear(x, self.packed)
+
+    def dense(self) -> torch.Tensor:
+        return block_kernel.dequantize(self.packed)
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.packed)
+
+
 class _Dense:
     scheme = Scheme.DENSE
 
@@ -556,8 +658,13 @@ class _Dense:
         return _nbytes(self.weight)
 
 
-def segment_state(seg: _Int4 | _Int8 | _Dense) -> dict[str, Any]:
+Segment = _Int4 | _Int8 | _Blocks | _Dense
+
+
+def segment_state(seg: Segment) -> dict[str, Any]:
     """A segment as plain tensors/ints (what the conversion cache stores)."""
+    if isinstance(seg, _Blocks):
+        return {"scheme": seg.scheme.value, "packed": seg.packed}
     if isinstance(seg, _Int4):
         return {
             "scheme": "int4",
@@ -570,7 +677,9 @@ def segment_state(seg: _Int4 | _Int8 | _Dense) -> dict[str, Any]:
     return {"scheme": "dense", "weight": seg.weight}
 
 
-def segment_from_state(state: dict[str, Any]) -> _Int4 | _Int8 | _Dense:
+def segment_from_state(state: dict[str, Any]) -> Segment:
+    if state["scheme"] in (Scheme.Q5_0, Scheme.Q7):
+        return _Blocks(state["packed"])
     if state["scheme"] == "int4":
         return _Int4(state["packed"], state["scale_zero"], int(state["group"]))
     if state["scheme"] == "int8":
@@ -622,9 +731,7 @@ class QuantLinear(nn.Module):
     dtype, and the output comes back in the input dtype.
     """
 
-    def __init__(
-        self, segments: Sequence[_Int4 | _Int8 | _Dense], in_features: int, bias: bool
-    ) -> None:
+    def __init__(self, segments: Sequence[Segment], in_features: int, bias: bool) -> None:
         super().__init__()
         self.segments = list(segments)
         self.in_features = in_features
@@ -681,6 +788,10 @@ class QuantLinear(nn.Module):
         for plan in plans:
             if plan.scheme == Scheme.INT4 and plan.rows % 16:
                 plan.scheme = policy.requant if policy.requant != Scheme.INT4 else Scheme.DENSE
+            if plan.scheme in (Scheme.Q5_0, Scheme.Q7) and not all(
+                block_kernel.supports(p.shape[0], k) for p in plan.parts
+            ):
+                plan.scheme = Scheme.INT8
             requantized = not any(p.ggml_type in EXACT_INT4_TYPES for p in plan.parts)
             if plan.scheme == Scheme.INT4 and requantized and k % policy.requant_group == 0:
                 plan.group = policy.requant_group
@@ -705,9 +816,7 @@ class QuantLinear(nn.Module):
             scheme = Scheme.INT8
         if scheme == Scheme.INT4:
             codes, scale, zero = int4_groups(weight, group_size)
-            seg: _Int4 | _Int8 | _Dense = _Int4(
-                pack_int4(codes), _scale_zero(scale, zero), group_size
-            )
+            seg: Segment = _Int4(pack_int4(codes), _scale_zero(scale, zero), group_size)
         elif scheme == Scheme.INT8:
             q, s = int8_rows(weight)
             seg = _Int8(q, s.to(KERNEL_DTYPE))
@@ -726,18 +835,20 @@ class QuantLinear(nn.Module):
         if len(self.segments) == 1:  # the common case, in as few calls as possible
             seg = self.segments[0]
             # dtype checks in Python: a no-op .to() still costs a dispatch, ~100 a step
-            y = seg((x2 if x2.dtype == seg.dtype else x2.to(seg.dtype)).contiguous())
+            same = seg.dtype is None or x2.dtype == seg.dtype
+            y = seg((x2 if same else x2.to(seg.dtype)).contiguous())
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
             return y.view(*lead, self.out_features)
-        cast: dict[torch.dtype, torch.Tensor] = {}
+        cast: dict[torch.dtype | None, torch.Tensor] = {}
         outs = []
         for seg in self.segments:
             xs = cast.get(seg.dtype)
             if xs is None:
-                xs = cast[seg.dtype] = x2.to(seg.dtype).contiguous()
+                want = x2.dtype if seg.dtype is None else seg.dtype
+                xs = cast[seg.dtype] = x2.to(want).contiguous()
             outs.append(seg(xs).to(x.dtype))
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         if self.bias is not None:
@@ -768,11 +879,24 @@ def _scale_zero(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return torch.stack([scale.T, zero.T], dim=-1).to(KERNEL_DTYPE).contiguous()
 
 
-def _build_segment(
-    plan: _Plan, k: int, dtype: torch.dtype, device: torch.device
-) -> _Int4 | _Int8 | _Dense:
+def _build_segment(plan: _Plan, k: int, dtype: torch.dtype, device: torch.device) -> Segment:
     """Convert a run of parts chunk by chunk into one segment."""
     n = plan.rows
+    if plan.scheme in (Scheme.Q5_0, Scheme.Q7):
+        g, q5 = block_kernel.GROUP_ROWS, plan.scheme == Scheme.Q5_0
+        record = block_kernel.Q5_RECORD if q5 else block_kernel.Q7_RECORD
+        packed = torch.empty(n // g, k // block_kernel.BLOCK, record, dtype=torch.uint8)
+        for row, part, start, stop in _chunks(plan.parts):
+            raw = part.rows(start, stop)
+            if not q5:
+                chunk = block_kernel.pack_q7(dequantize_rows(part.ggml_type, raw, k))
+            elif part.ggml_type == Q.Q5_0:
+                chunk = block_kernel.pack_q5(raw, k)
+            else:  # requantized (a rescored head's coarse pass)
+                w = dequantize_rows(part.ggml_type, raw, k)
+                chunk = block_kernel.pack_q5(block_kernel.quantize(w), k)
+            packed[row // g : (row + stop - start) // g] = chunk
+        return _Blocks(packed)
     if plan.scheme == Scheme.INT4:
         group = plan.group
         codes = torch.empty(n, k, dtype=torch.uint8)
@@ -1033,7 +1157,7 @@ class QuantReport:
 
 
 #: Bump when the stored layout changes; part of the cache key.
-CACHE_FORMAT = 4
+CACHE_FORMAT = 5
 
 
 def conversion_cache_file(
@@ -1055,6 +1179,7 @@ def conversion_cache_file(
             policy.keep_int4,
             policy.rescored_head,
             policy.requant_group,
+            policy.blocks and block_kernel.available(),
             str(dtype),
             torch.__version__,
             CACHE_FORMAT,
@@ -1090,7 +1215,7 @@ def _save_cache(path: Path, data: dict[str, Any]) -> None:
         log.warning("could not write quantization cache %s: %s", path, exc)
 
 
-def move_to_memory(segments: list[_Int4 | _Int8 | _Dense]) -> None:
+def move_to_memory(segments: list[Segment]) -> None:
     """Move segments read from the conversion cache's file mapping into memory that may
     get huge pages (`memory`: a decode step streams every weight; measured 6% faster).
 
@@ -1101,14 +1226,14 @@ def move_to_memory(segments: list[_Int4 | _Int8 | _Dense]) -> None:
     call still reads them.
     """
     for seg in segments:
-        if isinstance(seg, _Int4):
+        if isinstance(seg, _Int4 | _Blocks):
             seg.packed = to_anonymous(seg.packed)
         elif isinstance(seg, _Dense) or (isinstance(seg, _Int8) and seg.weight is not None):
             seg.weight = to_anonymous(seg.weight)
 
 
 def settle(
-    segments: list[_Int4 | _Int8 | _Dense],
+    segments: list[Segment],
     heads: list[RescoredHead],
     packs: Sequence[_Int8] = (),
     mapped: bool = False,
@@ -1214,7 +1339,7 @@ def quantize_gguf_model(
         log.info("quantization cache %s: %s", "hit" if cached else "miss", cache_file)
     fresh: dict[str, Any] = {}
     to_pack: list[_Int8] = []
-    to_move: list[_Int4 | _Int8 | _Dense] = []
+    to_move: list[Segment] = []
     total = len(by_module)
     for done, (module_name, parts) in enumerate(by_module.items(), 1):
         module = model.get_submodule(module_name)
@@ -1226,7 +1351,7 @@ def quantize_gguf_model(
             and cpu_kernels_available()
             and policy.rescores(head.ggml_type, head.shape[0])
         )
-        layer_policy = COARSE_HEAD_POLICY if rescore else policy
+        layer_policy = coarse_head_policy() if rescore else policy
         fast: _Int8 | None = None
         want_fast = rescore and policy.dynamic_int8 and dynamic_int8_available()
         if cached is not None:
