@@ -29,6 +29,9 @@ from proc_maps import linux_only, resident_kb
 
 Q = GGMLQuantizationType
 
+#: `auto` with torch's int4/int8 kernels only: what these tests exercise, whatever the CPU.
+TORCH_KERNELS = QuantPolicy(blocks=False)
+
 pytestmark = pytest.mark.skipif(
     not quant.cpu_kernels_available(), reason="torch build lacks the CPU int4/int8 kernels"
 )
@@ -78,7 +81,7 @@ def test_int4_codes_reproduce_gguf_dequantization_exactly(qtype):
 def test_exact_int4_layer_matches_dequantized_linear(qtype):
     rows, cols = 80, 512  # 80 = one full 64-row packing block + a 16-row tail
     raw = random_blocks(qtype, rows, cols, seed=1)
-    layer = QuantLinear.from_gguf(qtype, raw, (rows, cols), torch.bfloat16)
+    layer = QuantLinear.from_gguf(qtype, raw, (rows, cols), torch.bfloat16, policy=TORCH_KERNELS)
     assert layer.schemes == ["int4"]
     w = reference(qtype, raw, cols)
     assert (layer.dequantized() - w).abs().max() <= 2**-8 * w.abs().max()
@@ -91,7 +94,7 @@ def test_requantized_int8_layer_matches_dequantized_linear(qtype):
     rows, cols = 96, 256
     raw = random_blocks(qtype, rows, cols, seed=2)
     # Q5_0 without the Q5_0 kernel (tests/test_block_kernel.py has it with the kernel)
-    policy = QuantPolicy(native_q5=False)
+    policy = TORCH_KERNELS
     layer = QuantLinear.from_gguf(qtype, raw, (rows, cols), torch.float32, policy=policy)
     assert layer.schemes == ["int8"]
     w = reference(qtype, raw, cols)
@@ -138,7 +141,7 @@ def test_fused_parts_of_mixed_types_keep_row_order_and_bias():
         raw = random_blocks(qtype, rows, cols, seed=10 + i)
         parts.append(GGUFPart(qtype, raw, (rows, cols)))
         refs.append(reference(qtype, raw, cols))
-    layer = QuantLinear.from_gguf_parts(parts, torch.float32, bias=True)
+    layer = QuantLinear.from_gguf_parts(parts, torch.float32, bias=True, policy=TORCH_KERNELS)
     assert layer.schemes == ["int4", "int8"]  # Q4_0 and Q4_K share one int4 segment
     layer.bias.data = torch.randn(128)
     x = torch.randn(4, cols)
@@ -169,7 +172,11 @@ def test_dense_fallback_without_kernels_is_exact(monkeypatch):
 def test_int4_rows_not_multiple_of_16_fall_back_to_int8():
     rows, cols = 40, 64
     layer = QuantLinear.from_gguf(
-        Q.Q4_0, random_blocks(Q.Q4_0, rows, cols), (rows, cols), torch.bfloat16
+        Q.Q4_0,
+        random_blocks(Q.Q4_0, rows, cols),
+        (rows, cols),
+        torch.bfloat16,
+        policy=TORCH_KERNELS,
     )
     assert layer.schemes == ["int8"]
 
@@ -202,11 +209,13 @@ def test_embedding_dequantizes_only_looked_up_rows():
 
 
 def test_policy_names():
-    native = Scheme.Q5_0 if quant.block_kernel.available() else Scheme.INT8
-    assert QuantPolicy.parse(None).scheme_for(Q.Q5_0) == native
-    assert QuantPolicy.parse(None).scheme_for(Q.Q6_K) == Scheme.INT8
+    blocks = quant.block_kernel.available()
+    assert QuantPolicy.parse(None).scheme_for(Q.Q5_0) == (Scheme.Q5_0 if blocks else Scheme.INT8)
+    assert QuantPolicy.parse(None).scheme_for(Q.Q6_K) == (Scheme.Q7 if blocks else Scheme.INT8)
+    slow_int4 = blocks and not quant.cpu_has_fast_bf16()
+    assert QuantPolicy.parse("auto").scheme_for(Q.Q4_K) == (Scheme.Q7 if slow_int4 else Scheme.INT4)
     assert QuantPolicy.parse("int8").scheme_for(Q.Q5_0) == Scheme.INT8
-    assert QuantPolicy.parse("auto").scheme_for(Q.Q4_K) == Scheme.INT4
+    assert TORCH_KERNELS.scheme_for(Q.Q4_K) == Scheme.INT4
     assert QuantPolicy.parse("int4").scheme_for(Q.Q6_K) == Scheme.INT4
     assert QuantPolicy.parse("dense").scheme_for(Q.Q4_0) == Scheme.DENSE
     assert QuantPolicy.parse("int8").scheme_for(Q.F16) == Scheme.DENSE
