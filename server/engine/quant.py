@@ -198,9 +198,10 @@ def coarse_head_policy() -> QuantPolicy:
     """The coarse pass as Q5_0 blocks where `block_kernel` runs, else int4 g128.
 
     Why: on an AVX2 CPU without native bf16 (an EPYC 7xx3 here) torch's int4 kernel took
-    25 ms for Qwen's 152k x 896 head at one row and the Q5_0 kernel 6-15 ms, though it
-    reads 30 % more bytes; the finer grid also ranks the candidates better. Where FBGEMM
-    runs with VNNI, its int8 pass replaces either once the server is ready.
+    12.3 ms for Qwen's 152k x 896 head at one row and 46.8 ms at eight; the Q5_0 blocks
+    7.6 and 19.2 ms, though they read 30 % more bytes; the finer grid also ranks the
+    candidates better. Where FBGEMM runs with VNNI, its int8 pass replaces either once
+    the server is ready.
     """
     if block_kernel.available():
         return QuantPolicy(requant=Scheme.Q5_0, rescored_head=False)
