@@ -7,10 +7,10 @@ torch has no 5-bit kernel, so these layers were requantized to int8: 8 bits a we
 where the file has 5.5, and decode, which streams every weight once a token, paid for
 the extra bytes. And on an AVX2 CPU without native bf16 torch's int4/int8 kernels ran
 far below memory speed (Qwen's 896 x 9728 gate|up at one row: 0.96 ms weight-only int8,
-0.31 ms here; at eight rows 3.85 against 0.96 ms; bench/QUANT.md). The kernel keeps Q5_0's bits exactly and rounds activations to
-int8 per block of 32, as llama.cpp does for the same weights; types the 5-bit grid
-cannot hold (Q6_K, Q8_0, and Q4_K where torch's int4 kernel is slow) become 7-bit
-blocks of 32 with their own scale, finer than the int8-per-row they replace.
+0.31 ms here; at eight rows 3.85 against 0.96 ms; bench/QUANT.md). The kernel keeps
+Q5_0's bits exactly and rounds activations to int8 per block of 32, as llama.cpp does
+for the same weights; types the 5-bit grid cannot hold (Q6_K, Q8_0, and Q4_K where
+torch's int4 kernel is slow) become 7-bit blocks of 32 with their own scale.
 
 Why built at run time: the kernel is plain C with AVX2 intrinsics, compiled on first use
 with the compiler torch.compile already needs (the server image ships gcc), into the
