@@ -11,28 +11,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import collect, one_torch_thread, prompt_logits, run
+from engine_helpers import (
+    agreement_bound,
+    auto_scheme,
+    collect,
+    one_torch_thread,
+    prompt_logits,
+    run,
+)
 from modeldeploy.server.engine import quant
 from modeldeploy.server.engine.engine import Engine
 from modeldeploy.server.errors import UserInputError
-
-
-def auto_scheme(qtype: str) -> str:
-    """What `auto` holds a GGUF type as on this CPU: torch's int4/int8 kernels, or the
-    block kernel's 7-bit blocks where it runs and torch's kernels are slow (no native bf16)."""
-    from gguf import GGMLQuantizationType
-    from modeldeploy.server.engine.quant import QuantPolicy
-
-    return QuantPolicy().scheme_for(GGMLQuantizationType[qtype]).value
-
-
-def agreement_bound(scheme: str) -> float:
-    """Greedy agreement with the float model a tiny random model must keep. The block
-    kernel also rounds activations (int8 per block of 32): on these random weights, whose
-    top logits nearly tie, that flips 3-4 of 32-43 positions (0.86-0.88). The real model's
-    bound is measured in bench/QUANT.md (top-1 99.35 %)."""
-    return 0.8 if scheme in ("q5_0", "q7") else 0.9
-
 
 PROMPT = "The quick brown fox jumps over the lazy dog. def add(a, b):\n    return a + b"
 

@@ -13,27 +13,10 @@ import dataclasses
 
 import pytest
 import torch
+from engine_helpers import agreement_bound, auto_scheme
 from modeldeploy.server.engine import quant, weights
 from modeldeploy.server.engine.model import KVCache, ModelSpec, Transformer
 from modeldeploy.server.formats import open_model
-
-
-def auto_scheme(qtype: str) -> str:
-    """What `auto` holds a GGUF type as on this CPU: torch's int4/int8 kernels, or the
-    block kernel's 7-bit blocks where it runs and torch's kernels are slow (no native bf16)."""
-    from gguf import GGMLQuantizationType
-    from modeldeploy.server.engine.quant import QuantPolicy
-
-    return QuantPolicy().scheme_for(GGMLQuantizationType[qtype]).value
-
-
-def agreement_bound(scheme: str) -> float:
-    """Greedy agreement with the float model a tiny random model must keep. The block
-    kernel also rounds activations (int8 per block of 32): on these random weights, whose
-    top logits nearly tie, that flips 3-4 of 32-43 positions (0.86-0.88). The real model's
-    bound is measured in bench/QUANT.md (top-1 99.35 %)."""
-    return 0.8 if scheme in ("q5_0", "q7") else 0.9
-
 
 pytestmark = pytest.mark.skipif(
     not quant.cpu_kernels_available(), reason="torch build lacks the CPU int4/int8 kernels"
