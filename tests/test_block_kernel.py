@@ -76,16 +76,57 @@ def q7_packed(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tens
     return packed, block_kernel.dequantize(packed)
 
 
+def q4k_blocks(rows: int, cols: int, seed: int) -> np.ndarray:
+    """Random Q4_K rows (gguf-py has no Q4_K quantizer): random codes, 6-bit scales and
+    minimums, and per-row super-block scales 30x apart."""
+    rng = np.random.default_rng(seed)
+    n = rows * cols // 256
+    blocks = rng.integers(0, 256, size=(n, 144), dtype=np.uint8)
+    row_scale = np.repeat(rng.uniform(1e-3, 3e-2, rows), cols // 256)
+    blocks[:, 0:2] = row_scale.astype(np.float16).reshape(-1, 1).view(np.uint8)
+    blocks[:, 2:4] = (row_scale / 2).astype(np.float16).reshape(-1, 1).view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def q4_packed(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4 records of random Q4_K rows, and the weights they hold."""
+    raw = q4k_blocks(rows, cols, seed)
+    codes, scale, zero = quant.int4_codes(Q.Q4_K, raw, rows, cols)
+    packed = block_kernel.pack_q4(codes, scale, 8.0 * scale - zero)
+    return packed, block_kernel.dequantize(packed)
+
+
+def packed_of(kind: str, rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if kind == "q5":
+        raw = q5_blocks(rows, cols, seed=seed)
+        return block_kernel.pack_q5(raw, cols), reference_weight(raw, cols)
+    return (q7_packed if kind == "q7" else q4_packed)(rows, cols, seed)
+
+
 @needs_kernel
-@pytest.mark.parametrize("kind", ["q5", "q7"])
+def test_4_bit_blocks_hold_q4_k_and_q4_0_weights():
+    rows, cols = 16, 512
+    raw = q4k_blocks(rows, cols, seed=11)
+    packed, back = q4_packed(rows, cols, seed=11)
+    assert packed.shape == (rows // 8, cols // 32, block_kernel.Q4_RECORD)
+    w = torch.from_numpy(gguf_quants.dequantize(raw, Q.Q4_K).reshape(rows, cols).copy())
+    # only Q4_K's per-32 scale and minimum are rounded (to fp16)
+    span = w.reshape(rows, -1, 32).abs().amax(-1, keepdim=True)
+    assert ((back - w).reshape(rows, -1, 32).abs() <= span * 2**-9).all()
+    # Q4_0 (w = (code - 8) * d) fits exactly
+    q40 = gguf_quants.quantize(np.random.default_rng(12).standard_normal((rows, cols)), Q.Q4_0)
+    layer = QuantLinear.from_gguf(Q.Q4_0, q40, (rows, cols), torch.float32)
+    assert layer.schemes == ["q4"]
+    exact = gguf_quants.dequantize(q40, Q.Q4_0).reshape(rows, cols)
+    assert torch.equal(layer.dequantized(), torch.from_numpy(exact.copy()))
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["q4", "q5", "q7"])
 @pytest.mark.parametrize("m", [1, 3, 8, 17])
 def test_product_is_exact_for_q8_0_rounded_activations(kind, m):
     rows, cols = 64, 256
-    if kind == "q5":
-        raw = q5_blocks(rows, cols, seed=1)
-        packed, w = block_kernel.pack_q5(raw, cols), reference_weight(raw, cols)
-    else:
-        packed, w = q7_packed(rows, cols, seed=1)
+    packed, w = packed_of(kind, rows, cols, seed=1)
     w = w.double()
     x = torch.randn(m, cols) * torch.logspace(-2, 1, m)[:, None]
     y = block_kernel.linear(x, packed)
@@ -99,18 +140,28 @@ def test_product_is_exact_for_q8_0_rounded_activations(kind, m):
 
 
 @needs_kernel
-@pytest.mark.parametrize("kind", ["q5", "q7"])
+@pytest.mark.parametrize("kind", ["q4", "q5", "q7"])
 def test_a_row_gives_the_same_bits_alone_or_in_any_batch(kind):
-    rows, cols = 96, 896
-    if kind == "q5":
-        packed = block_kernel.pack_q5(q5_blocks(rows, cols, seed=2), cols)
-    else:
-        packed = q7_packed(rows, cols, seed=2)[0]
+    rows, cols = 96, 1024
+    packed = packed_of(kind, rows, cols, seed=2)[0]
     x = torch.randn(13, cols)
     batch = block_kernel.linear(x, packed)
     for i in (0, 5, 12):
         assert torch.equal(block_kernel.linear(x[i : i + 1], packed)[0], batch[i])
     assert torch.equal(block_kernel.linear(x[3:9], packed), batch[3:9])
+
+
+@needs_kernel
+@pytest.mark.skipif(
+    block_kernel.variant() != "vnni", reason="the CPU has no AVX-512 VNNI to compare"
+)
+@pytest.mark.parametrize("kind", ["q4", "q5", "q7"])
+def test_the_vnni_build_gives_the_avx2_builds_bits(kind):
+    rows, cols = 64, 1024
+    packed = packed_of(kind, rows, cols, seed=5)[0]
+    x = torch.randn(9, cols) * 30
+    wide = block_kernel._linear(x, packed, build="vnni")
+    assert torch.equal(wide, block_kernel._linear(x, packed, build="avx2"))
 
 
 @needs_kernel

@@ -212,8 +212,8 @@ def test_policy_names():
     blocks = quant.block_kernel.available()
     assert QuantPolicy.parse(None).scheme_for(Q.Q5_0) == (Scheme.Q5_0 if blocks else Scheme.INT8)
     assert QuantPolicy.parse(None).scheme_for(Q.Q6_K) == (Scheme.Q7 if blocks else Scheme.INT8)
-    slow_int4 = blocks and not quant.cpu_has_fast_bf16()
-    assert QuantPolicy.parse("auto").scheme_for(Q.Q4_K) == (Scheme.Q7 if slow_int4 else Scheme.INT4)
+    assert QuantPolicy.parse("auto").scheme_for(Q.Q4_K) == (Scheme.Q4 if blocks else Scheme.INT4)
+    assert QuantPolicy.parse("int4").scheme_for(Q.Q4_K) == Scheme.INT4
     assert QuantPolicy.parse("int8").scheme_for(Q.Q5_0) == Scheme.INT8
     assert TORCH_KERNELS.scheme_for(Q.Q4_K) == Scheme.INT4
     assert QuantPolicy.parse("int4").scheme_for(Q.Q6_K) == Scheme.INT4
@@ -361,7 +361,8 @@ def test_dynamic_int8_rows_are_independent_of_their_batch():
     same batch changes nothing for the others, and a row alone gives the same bits."""
     rows, cols = 64, 256
     raw = random_blocks(Q.Q8_0, rows, cols, seed=5)
-    layer = QuantLinear.from_gguf(Q.Q8_0, raw, (rows, cols), torch.bfloat16)
+    int8 = quant.QuantPolicy(blocks=False)  # not the block kernel's 7-bit blocks
+    layer = QuantLinear.from_gguf(Q.Q8_0, raw, (rows, cols), torch.bfloat16, policy=int8)
     exact = layer.dequantized()
     for seg in layer.segments:
         seg.enable_dynamic()

@@ -14,7 +14,7 @@ import dataclasses
 import pytest
 import torch
 from engine_helpers import agreement_bound, auto_scheme
-from modeldeploy.server.engine import quant, weights
+from modeldeploy.server.engine import block_kernel, quant, weights
 from modeldeploy.server.engine.model import KVCache, ModelSpec, Transformer
 from modeldeploy.server.formats import open_model
 
@@ -122,6 +122,8 @@ def test_cached_rescored_head_moves_to_its_fast_pass_with_the_same_choices(
     conversion cache; after `settle` a cache hit's head runs FBGEMM and picks the
     same tokens as before, with the file's exact logits for them."""
     monkeypatch.setattr(quant, "RESCORE_MIN_VOCAB", 1)
+    # the int4 coarse pass (a block-kernel pass keeps itself: the next test)
+    monkeypatch.setattr(quant, "coarse_head_policy", lambda: quant.COARSE_HEAD_POLICY)
     path = tiny_models.gguf("qwen2", "Q8_0")
     files = open_model(path)
     spec = ModelSpec.from_config(files.config)  # tied: the head is token_embd's Q8_0 rows
@@ -142,12 +144,31 @@ def test_cached_rescored_head_moves_to_its_fast_pass_with_the_same_choices(
     torch.testing.assert_close(after.gather(1, top.indices), top.values, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not block_kernel.available(), reason=str(block_kernel.unavailable()))
+def test_a_block_kernel_head_keeps_its_q5_0_pass(tiny_models, tmp_path, monkeypatch):
+    """Where the head's coarse pass runs on the block kernel, no FBGEMM copy is built,
+    cached or swapped in: it was slower up to eight rows and 45 % more bytes."""
+    monkeypatch.setattr(quant, "RESCORE_MIN_VOCAB", 1)
+    path = tiny_models.gguf("qwen2", "Q8_0")
+    files = open_model(path)
+    spec = ModelSpec.from_config(files.config)
+    ref, _, _, _ = load_pair(path, "dense", torch.float32)
+    pairs = [load_cached(files, spec, ref, tmp_path) for _ in range(2)]
+    for model, report in pairs:
+        assert report.layers["lm_head"] == ["q5_0+rescored"]
+        assert report.heads == [] and model.lm_head.fast is None
+    (cache,) = tmp_path.glob("*.pt")
+    assert "fast" not in torch.load(cache, mmap=True, weights_only=True)["lm_head"]
+
+
 @pytest.mark.skipif(not quant.dynamic_int8_available(), reason="no FBGEMM dynamic linear")
 @pytest.mark.parametrize("policy", ["auto", "int8"])
-def test_auto_rounds_activations_only_for_gate_up(tiny_models, policy):
+def test_auto_rounds_activations_only_for_gate_up(tiny_models, policy, monkeypatch):
     """`auto` multiplies the int8 gate|up projections with 8-bit activations (FBGEMM) and
     every other int8 layer weight-only; `int8` keeps all weight-only. Either way, one
-    token at a time (the decode path) keeps the float model's greedy choice."""
+    token at a time (the decode path) keeps the float model's greedy choice. (Where the
+    block kernel runs, Q8_0 layers are 7-bit blocks instead: not this test's subject.)"""
+    monkeypatch.setattr(block_kernel, "unavailable", lambda: "off for this test")
     ref, qm, spec, _ = load_pair(tiny_models.gguf("qwen2", "Q8_0"), policy, torch.bfloat16)
     dynamic = {
         name

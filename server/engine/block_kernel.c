@@ -20,6 +20,11 @@
  *     d[8]        fp16 scales.
  *   7 bits, not 8: `maddubs` adds two u8 x s8 products in int16, and 2 x 127 x 127 fits
  *   where 2 x 255 x 127 saturates (FBGEMM's trap on such CPUs).
+ *   Q4 (160 bytes), 4-bit types with a minimum (Q4_K, Q4_0, Q4_1): w = code * d - m,
+ *     code in 0..15; Q4_K's per-32 scale d * sc and minimum dmin * m rounded to fp16
+ *     (2^-11 relative, against a grid step of 1/15 of the block's range);
+ *     nib[4][32]  as in Q5 (the low 4 bits are the whole code);
+ *     d[8], m[8]  fp16 scales and minimums.
  * One 32-byte vector holds 4 consecutive codes of 8 rows: `maddubs` against 4 activation
  * bytes broadcast gives 8 rows' partial sums at once, so no horizontal sums are needed.
  * Rows are packed in groups of 8, each group a run of records, one per block.
@@ -39,6 +44,7 @@
 #define QK 32
 #define Q5_RECORD 176
 #define Q7_RECORD 272
+#define Q4_RECORD 160
 /* Records prefetched ahead: 4 left the two streams at 9-13 GB/s of this EPYC's 17; 32
  * (5-9 kB) measured best of 4-96 for one row over all 24 layers. */
 #ifndef PREFETCH
@@ -192,6 +198,16 @@ static inline void unpack_q5(const uint8_t *rec, __m256i w[8]) {
     }
 }
 
+/* Codes of one Q4 record, in the same order as `unpack_q5`. */
+static inline void unpack_q4(const uint8_t *rec, __m256i w[8]) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    for (int v = 0; v < 4; v++) {
+        const __m256i n = _mm256_loadu_si256((const __m256i *)(rec + 32 * v));
+        w[v] = _mm256_and_si256(n, low4);
+        w[v + 4] = _mm256_and_si256(_mm256_srli_epi16(n, 4), low4);
+    }
+}
+
 /* 4 activation codes broadcast to every 32-bit lane, straight from memory (a copy of the
  * row on the stack first would stall on store forwarding). */
 static inline __m256i bcast4(const int8_t *a) {
@@ -200,6 +216,32 @@ static inline __m256i bcast4(const int8_t *a) {
     return _mm256_set1_epi32(v);
 }
 
+#ifdef __AVX512VNNI__
+/* With VNNI (AVX-512 VNNI on 256-bit vectors), `dpbusd` adds four u8 x s8 products
+ * into int32 in one instruction, with no int16 step to saturate: 8 instructions a
+ * record where `maddubs` needs 8 + 8 (Q7) or 8 + 9 (Q5). The sums are the same integers
+ * either way, so both builds give the same bits. */
+static inline __m256i dot_q5(const __m256i w[8], const int8_t *a) {
+    __m256i s0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w[0], bcast4(a));
+    __m256i s1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w[4], bcast4(a + 16));
+    for (int i = 1; i < 4; i++) {
+        s0 = _mm256_dpbusd_epi32(s0, w[i], bcast4(a + 4 * i));
+        s1 = _mm256_dpbusd_epi32(s1, w[i + 4], bcast4(a + 16 + 4 * i));
+    }
+    return _mm256_add_epi32(s0, s1);
+}
+
+static inline __m256i dot_q7(const uint8_t *rec, const int8_t *a) {
+    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+    for (int i = 0; i < 8; i += 2) {
+        s0 = _mm256_dpbusd_epi32(s0, _mm256_loadu_si256((const __m256i *)(rec + 32 * i)),
+                                 bcast4(a + 4 * i));
+        s1 = _mm256_dpbusd_epi32(s1, _mm256_loadu_si256((const __m256i *)(rec + 32 * i + 32)),
+                                 bcast4(a + 4 * i + 4));
+    }
+    return _mm256_add_epi32(s0, s1);
+}
+#else
 /* One row's sum over one Q5 record: 8 rows' int32 dot products of codes and activations. */
 static inline __m256i dot_q5(const __m256i w[8], const int8_t *a) {
     const __m256i ones = _mm256_set1_epi16(1);
@@ -225,15 +267,19 @@ static inline __m256i dot_q7(const uint8_t *rec, const int8_t *a) {
     return s;
 }
 
-/* y (m, n) float32 = x (m, k) @ W.T for W packed as `kind` (5 or 7); x float32 or bf16.
- * Each record is unpacked once and multiplied with every row of x, so prompt chunks
+#endif
+
+/* y (m, n) float32 = x (m, k) @ W.T for W packed as `kind` (4, 5 or 7); x float32 or
+ * bf16. Each record is unpacked once and multiplied with every row of x, so prompt chunks
  * reuse it too. Inlined per kind, so each loop is compiled for its own record. */
 static inline __attribute__((always_inline)) void linear(const int kind, const void *x,
                                                          int bf16, int64_t m, int64_t k,
                                                          const uint8_t *packed, int64_t n,
                                                          float *y, int threads) {
     const int64_t nb = k / QK;
-    const int64_t record = kind == 5 ? Q5_RECORD : Q7_RECORD;
+    const int64_t record = kind == 4 ? Q4_RECORD : kind == 5 ? Q5_RECORD : Q7_RECORD;
+    /* where the fp16 scales start: after the codes */
+    const int64_t scales = kind == 4 ? 128 : record - 16;
     const int32_t offset = kind == 5 ? 16 : 64;
     int8_t *qa = malloc((size_t)(m * k));
     float *ad = malloc(sizeof(float) * (size_t)(m * nb));
@@ -253,15 +299,28 @@ static inline __attribute__((always_inline)) void linear(const int kind, const v
                     _mm_prefetch((const char *)(rec + PREFETCH * record + at), _MM_HINT_T0);
                 __m256i w[8];
                 if (kind == 5) unpack_q5(rec, w);
-                const __m256 wd =
-                    _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + record - 16)));
+                if (kind == 4) unpack_q4(rec, w);
+                const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + scales)));
+                /* Q4's minimums: w = code * d - m sums to d * dot - m * (sum of codes) */
+                const __m256 wm = kind == 4 ? _mm256_cvtph_ps(_mm_loadu_si128(
+                                                  (const __m128i *)(rec + scales + 16)))
+                                            : _mm256_setzero_ps();
                 for (int64_t i = 0; i < m; i++) {
                     const int8_t *a = qa + i * k + b * QK;
+                    const __m256 av = _mm256_set1_ps(ad[i * nb + b]);
+                    float *o = acc + 8 * i;
+                    if (kind == 4) {
+                        const __m256 sa = _mm256_set1_ps((float)asum[i * nb + b]);
+                        const __m256 t = _mm256_fmsub_ps(_mm256_cvtepi32_ps(dot_q5(w, a)), wd,
+                                                         _mm256_mul_ps(wm, sa));
+                        _mm256_store_ps(o, _mm256_fmadd_ps(t, av, _mm256_load_ps(o)));
+                        continue;
+                    }
                     __m256i s = kind == 5 ? dot_q5(w, a) : dot_q7(rec, a);
                     s = _mm256_sub_epi32(s, _mm256_set1_epi32(offset * asum[i * nb + b]));
-                    const __m256 scale = _mm256_mul_ps(wd, _mm256_set1_ps(ad[i * nb + b]));
-                    _mm256_store_ps(acc + 8 * i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale,
-                                                                 _mm256_load_ps(acc + 8 * i)));
+                    const __m256 scale = _mm256_mul_ps(wd, av);
+                    _mm256_store_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale,
+                                                       _mm256_load_ps(o)));
                 }
             }
             for (int64_t i = 0; i < m; i++)
@@ -272,6 +331,11 @@ static inline __attribute__((always_inline)) void linear(const int kind, const v
     free(qa);
     free(ad);
     free(asum);
+}
+
+void q4_linear(const void *x, int bf16, int64_t m, int64_t k, const uint8_t *packed,
+               int64_t n, float *y, int threads) {
+    linear(4, x, bf16, m, k, packed, n, y, threads);
 }
 
 void q5_linear(const void *x, int bf16, int64_t m, int64_t k, const uint8_t *packed,
@@ -347,4 +411,48 @@ void q5_dequantize(const uint8_t *packed, int64_t n, int64_t k, float *out) {
             }
         }
     }
+}
+
+
+/* codes uint8 (rows, k) in 0..15 and fp16 d, m (rows, k/32 each), rows % 8 == 0 ->
+ * Q4 records. */
+void q4_pack(const uint8_t *codes, const uint16_t *d, const uint16_t *mins, int64_t rows,
+             int64_t k, uint8_t *dst) {
+    const int64_t nb = k / QK;
+    for (int64_t g = 0; g < rows / 8; g++)
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *rec = dst + (g * nb + b) * Q4_RECORD;
+            for (int r = 0; r < 8; r++) {
+                const int64_t row = g * 8 + r;
+                const uint8_t *c = codes + row * k + b * QK;
+                for (int v = 0; v < 4; v++)
+                    for (int t = 0; t < 4; t++)
+                        rec[v * 32 + r * 4 + t] =
+                            (c[4 * v + t] & 0x0F) | ((c[4 * (v + 4) + t] & 0x0F) << 4);
+                memcpy(rec + 128 + 2 * r, d + row * nb + b, 2);
+                memcpy(rec + 144 + 2 * r, mins + row * nb + b, 2);
+            }
+        }
+}
+
+/* The Q4 weights as float32 (n, k), for checks. */
+void q4_dequantize(const uint8_t *packed, int64_t n, int64_t k, float *out) {
+    const int64_t nb = k / QK;
+    for (int64_t g = 0; g < n / 8; g++)
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *rec = packed + (g * nb + b) * Q4_RECORD;
+            for (int r = 0; r < 8; r++) {
+                uint16_t hd, hm;
+                memcpy(&hd, rec + 128 + 2 * r, 2);
+                memcpy(&hm, rec + 144 + 2 * r, 2);
+                const float d = f16_to_f32(hd), mn = f16_to_f32(hm);
+                float *o = out + (g * 8 + r) * k + b * QK;
+                for (int i = 0; i < 8; i++)
+                    for (int t = 0; t < 4; t++) {
+                        const uint8_t nib = rec[(i & 3) * 32 + r * 4 + t];
+                        const int c = i < 4 ? (nib & 0x0F) : (nib >> 4);
+                        o[4 * i + t] = (float)c * d - mn;
+                    }
+            }
+        }
 }

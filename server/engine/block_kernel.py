@@ -44,12 +44,25 @@ SOURCE = Path(__file__).with_name("block_kernel.c")
 BLOCK = 32
 GROUP_ROWS = 8
 #: Bytes of one packed record of 8 rows x 32 weights (block_kernel.c): 5-bit codes and 8
-#: fp16 scales (Q5), 7-bit codes in bytes and 8 fp16 scales (Q7).
+#: fp16 scales (Q5), 7-bit codes in bytes and 8 fp16 scales (Q7), 4-bit codes with 8 fp16
+#: scales and 8 fp16 minimums (Q4). The record's size says which it is.
+Q4_RECORD = 160
 Q5_RECORD = 176
 Q7_RECORD = 272
+#: The C functions of each record, by its size.
+_KIND = {Q4_RECORD: "q4", Q5_RECORD: "q5", Q7_RECORD: "q7"}
 #: Bytes of one GGUF Q5_0 block: fp16 scale, 32 high bits, 16 bytes of nibbles.
 GGUF_BLOCK_BYTES = 22
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+#: The builds of the one source, by what the CPU must have: "vnni" sums four byte
+#: products into int32 in one instruction (AVX-512 VNNI), "avx2" takes two.
+VARIANTS: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {
+    "avx2": (frozenset({"avx2", "fma", "f16c"}), FLAGS),
+    "vnni": (
+        frozenset({"avx2", "fma", "f16c", "avx512f", "avx512vl", "avx512_vnni"}),
+        (*FLAGS, "-mavx512f", "-mavx512vl", "-mavx512vnni"),
+    ),
+}
 #: Set to "0" to keep torch's int4/int8 kernels for every layer.
 ENV = "MODELDEPLOY_BLOCK_KERNEL"
 
@@ -70,7 +83,7 @@ def unavailable() -> str | None:
         return f"{ENV}=0"
     if platform.machine() not in ("x86_64", "AMD64"):
         return f"the block kernel is x86 AVX2 code; this is {platform.machine()}"
-    missing = {"avx2", "fma", "f16c"} - cpu_flags()
+    missing = VARIANTS["avx2"][0] - cpu_flags()
     if missing:
         return f"the CPU lacks {', '.join(sorted(missing))}"
     try:
@@ -84,14 +97,14 @@ def available() -> bool:
     return unavailable() is None
 
 
-def _build(cc: str, out: Path) -> None:
+def _build(cc: str, flags: tuple[str, ...], out: Path) -> None:
     """Compile into a temporary file, then rename: a killed build leaves nothing behind."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-", suffix=".so")
     os.close(fd)
     try:
         done = subprocess.run(
-            [cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"],
+            [cc, *flags, str(SOURCE), "-o", tmp, "-lm"],
             capture_output=True,
             text=True,
             timeout=120,
@@ -104,33 +117,43 @@ def _build(cc: str, out: Path) -> None:
             os.unlink(tmp)
 
 
+def variant() -> str:
+    """The build this CPU runs: the widest whose instructions it has."""
+    return "vnni" if VARIANTS["vnni"][0] <= cpu_flags() else "avx2"
+
+
 @functools.cache
-def _library() -> ctypes.CDLL:
+def _library(build: str | None = None) -> ctypes.CDLL:
+    build = build or variant()
+    flags = VARIANTS[build][1]
     cc = _compiler()
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    path = cache_root() / "kernels" / f"block_kernel-{key}.so"
+    key = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
+    path = cache_root() / "kernels" / f"block_kernel-{build}-{key}.so"
     if not path.is_file():
         if cc is None:
             raise RuntimeError("no C compiler (gcc or cc) on PATH")
-        _build(cc, path)
+        _build(cc, flags, path)
         log.info("built the block kernel %s", path)
     # torch is imported first, so the kernel's OpenMP calls resolve to the runtime torch
     # loaded (same soname) and both share one thread team instead of competing for cores
     lib = ctypes.CDLL(str(path))
     lib.q5_pack.argtypes = [_P, _I64, _I64, _P]
     lib.q5_pack.restype = None
-    for name in ("q5_linear", "q7_linear"):
+    for name in ("q4_linear", "q5_linear", "q7_linear"):
         getattr(lib, name).argtypes = [_P, _INT, _I64, _I64, _P, _I64, _P, _INT]
         getattr(lib, name).restype = None
+    lib.q4_pack.argtypes = [_P, _P, _P, _I64, _I64, _P]
+    lib.q4_pack.restype = None
     lib.q7_pack.argtypes = [_P, _I64, _I64, _P]
     lib.q7_pack.restype = None
     lib.q7_dequantize.argtypes = [_P, _I64, _I64, _P]
     lib.q7_dequantize.restype = None
     lib.q5_quantize.argtypes = [_P, _I64, _I64, _P]
     lib.q5_quantize.restype = None
-    lib.q5_dequantize.argtypes = [_P, _I64, _I64, _P]
-    lib.q5_dequantize.restype = None
+    for name in ("q4_dequantize", "q5_dequantize"):
+        getattr(lib, name).argtypes = [_P, _I64, _I64, _P]
+        getattr(lib, name).restype = None
     return lib
 
 
@@ -162,6 +185,21 @@ def pack_q7(w: np.ndarray) -> torch.Tensor:
     return out
 
 
+def pack_q4(codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray) -> torch.Tensor:
+    """4-bit codes uint8 (rows, cols) in 0..15 with w = code * scale - minimum, `scale`
+    and `minimum` float32 (rows, cols / 32) -> Q4 records (rows/8, cols/32, 160); both
+    are rounded to fp16."""
+    src = np.ascontiguousarray(codes, dtype=np.uint8)
+    rows, cols = src.shape
+    if not supports(rows, cols) or not scale.shape == minimum.shape == (rows, cols // BLOCK):
+        raise ValueError(f"4-bit weight ({rows}, {cols}) with scales {scale.shape}")
+    d = np.ascontiguousarray(scale, dtype=np.float16)
+    m = np.ascontiguousarray(minimum, dtype=np.float16)
+    out = torch.empty(rows // GROUP_ROWS, cols // BLOCK, Q4_RECORD, dtype=torch.uint8)
+    _library().q4_pack(src.ctypes.data, d.ctypes.data, m.ctypes.data, rows, cols, out.data_ptr())
+    return out
+
+
 def quantize(w: np.ndarray) -> np.ndarray:
     """float32 rows (rows, cols) -> GGUF Q5_0 bytes (rows, cols / 32 * 22), rounded as
     ggml rounds them (gguf-py's numpy quantizer gives the same bytes, 20x slower)."""
@@ -181,19 +219,19 @@ def in_features(packed: torch.Tensor) -> int:
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """x (M, K) float32 or bf16 @ W.T -> (M, N) float32, for Q5 or Q7 records."""
+    """x (M, K) float32 or bf16 @ W.T -> (M, N) float32, for Q4, Q5 or Q7 records."""
     if torch.compiler.is_compiling():
         return torch.ops.modeldeploy.block_linear(x, packed)  # define_op
     return _linear(x, packed)
 
 
-def _linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+def _linear(x: torch.Tensor, packed: torch.Tensor, build: str | None = None) -> torch.Tensor:
+    """`build` names a variant to run (tests compare them); by default, this CPU's."""
     x = x.contiguous()
     m, k = x.shape
     n = out_features(packed)
     y = torch.empty(m, n, dtype=torch.float32)
-    lib = _library()
-    kernel = lib.q5_linear if packed.shape[-1] == Q5_RECORD else lib.q7_linear
+    kernel = getattr(_library(build), f"{_KIND[packed.shape[-1]]}_linear")
     kernel(
         x.data_ptr(),
         int(x.dtype == torch.bfloat16),
@@ -211,8 +249,7 @@ def dequantize(packed: torch.Tensor) -> torch.Tensor:
     """The float32 weight (N, K) the kernel multiplies by (checks and fallbacks)."""
     n, k = out_features(packed), in_features(packed)
     out = torch.empty(n, k, dtype=torch.float32)
-    lib = _library()
-    unpack = lib.q5_dequantize if packed.shape[-1] == Q5_RECORD else lib.q7_dequantize
+    unpack = getattr(_library(), f"{_KIND[packed.shape[-1]]}_dequantize")
     unpack(packed.data_ptr(), n, k, out.data_ptr())
     return out
 

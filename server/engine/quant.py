@@ -105,6 +105,9 @@ class Scheme(StrEnum):
     Q5_0 = "q5_0"
     #: 7-bit codes per block of 32 with an fp16 scale, multiplied by `block_kernel`.
     Q7 = "q7"
+    #: 4-bit codes per block of 32 with an fp16 scale and minimum (GGUF Q4_0/Q4_1/Q4_K),
+    #: multiplied by `block_kernel`.
+    Q4 = "q4"
     DENSE = "dense"
 
 
@@ -164,7 +167,7 @@ class QuantPolicy:
             return self.floats
         native = self.blocks and block_kernel.available()
         if ggml_type in EXACT_INT4_TYPES and self.keep_int4:
-            return Scheme.Q7 if native and not cpu_has_fast_bf16() else Scheme.INT4
+            return Scheme.Q4 if native else Scheme.INT4
         if native and ggml_type == Q.Q5_0:
             return Scheme.Q5_0
         if native and self.requant == Scheme.INT8:
@@ -200,8 +203,8 @@ def coarse_head_policy() -> QuantPolicy:
     Why: on an AVX2 CPU without native bf16 (an EPYC 7xx3 here) torch's int4 kernel took
     12.3 ms for Qwen's 152k x 896 head at one row and 46.8 ms at eight; the Q5_0 blocks
     7.6 and 19.2 ms, though they read 30 % more bytes; the finer grid also ranks the
-    candidates better. Where FBGEMM runs with VNNI, its int8 pass replaces either once
-    the server is ready.
+    candidates better. Where FBGEMM runs with VNNI, its int8 pass replaces the int4 one
+    once the server is ready, not the Q5_0 one (`wants_fast_head`).
     """
     if block_kernel.available():
         return QuantPolicy(requant=Scheme.Q5_0, rescored_head=False)
@@ -214,6 +217,20 @@ def coarse_head_policy() -> QuantPolicy:
 #: for 8, 10.2 against 25.3 for 16): the int4 kernel's cost grows with the rows, FBGEMM's
 #: barely. Packing it takes 1.5 s of one core, so it happens after the server is ready.
 FAST_HEAD_POLICY = QuantPolicy(requant=Scheme.INT8, rescored_head=False, blocks=False)
+
+
+def wants_fast_head(coarse: QuantLinear) -> bool:
+    """Whether a rescored head's coarse pass is worth swapping for FBGEMM's int8 one.
+
+    Not when it runs on the block kernel: with AVX-512 VNNI (the only CPUs where FBGEMM
+    is used at all, `dynamic_int8_available`) its Q5_0 pass over Qwen's 152k x 896 head
+    took 2.84 ms at one row against FBGEMM's 5.13, 7.68 against 9.43 at eight; FBGEMM
+    only won from 16 rows (8.77 against 11.18 ms), and its int8 rows are 45 % more
+    bytes to hold (bench/QUANT.md, 2026-12-07).
+    """
+    return not any(isinstance(seg, _Blocks) for seg in coarse.segments)
+
+
 #: Rows per FBGEMM segment of a sped-up head. Packing holds transient copies of what it
 #: packs: Qwen's 152k-row head packed whole raised the server's peak RSS by ~400 MB.
 FAST_HEAD_ROWS = 1 << 16
@@ -617,17 +634,25 @@ def define_fbgemm_op() -> None:
         return u.new_empty((u.shape[0], row_sums.shape[0]))
 
 
+#: The schemes `block_kernel` multiplies, by the size of their records.
+BLOCK_SCHEMES = {
+    block_kernel.Q4_RECORD: Scheme.Q4,
+    block_kernel.Q5_RECORD: Scheme.Q5_0,
+    block_kernel.Q7_RECORD: Scheme.Q7,
+}
+
+
 class _Blocks:
-    """Rows as `block_kernel` records (Q5_0's own bits, or 7-bit blocks); takes float32 or
-    bf16 rows as they come (`dtype` None: no cast) and returns float32."""
+    """Rows as `block_kernel` records (Q5_0's own bits, 4-bit blocks with a minimum, or
+    7-bit blocks); takes float32 or bf16 rows as they come (`dtype` None: no cast) and
+    returns float32."""
 
     dtype = None
 
     def __init__(self, packed: torch.Tensor) -> None:
         self.packed = packed
         self.out_features = block_kernel.out_features(packed)
-        q5 = packed.shape[-1] == block_kernel.Q5_RECORD
-        self.scheme = Scheme.Q5_0 if q5 else Scheme.Q7
+        self.scheme = BLOCK_SCHEMES[packed.shape[-1]]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return block_kernel.linear(x, self.packed)
@@ -679,7 +704,7 @@ def segment_state(seg: Segment) -> dict[str, Any]:
 
 
 def segment_from_state(state: dict[str, Any]) -> Segment:
-    if state["scheme"] in (Scheme.Q5_0, Scheme.Q7):
+    if state["scheme"] in BLOCK_SCHEMES.values():
         return _Blocks(state["packed"])
     if state["scheme"] == "int4":
         return _Int4(state["packed"], state["scale_zero"], int(state["group"]))
@@ -789,7 +814,7 @@ class QuantLinear(nn.Module):
         for plan in plans:
             if plan.scheme == Scheme.INT4 and plan.rows % 16:
                 plan.scheme = policy.requant if policy.requant != Scheme.INT4 else Scheme.DENSE
-            if plan.scheme in (Scheme.Q5_0, Scheme.Q7) and not all(
+            if plan.scheme in BLOCK_SCHEMES.values() and not all(
                 block_kernel.supports(p.shape[0], k) for p in plan.parts
             ):
                 plan.scheme = Scheme.INT8
@@ -883,13 +908,16 @@ def _scale_zero(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
 def _build_segment(plan: _Plan, k: int, dtype: torch.dtype, device: torch.device) -> Segment:
     """Convert a run of parts chunk by chunk into one segment."""
     n = plan.rows
-    if plan.scheme in (Scheme.Q5_0, Scheme.Q7):
+    if plan.scheme in BLOCK_SCHEMES.values():
         g, q5 = block_kernel.GROUP_ROWS, plan.scheme == Scheme.Q5_0
-        record = block_kernel.Q5_RECORD if q5 else block_kernel.Q7_RECORD
+        record = next(size for size, sc in BLOCK_SCHEMES.items() if sc == plan.scheme)
         packed = torch.empty(n // g, k // block_kernel.BLOCK, record, dtype=torch.uint8)
         for row, part, start, stop in _chunks(plan.parts):
             raw = part.rows(start, stop)
-            if not q5:
+            if plan.scheme == Scheme.Q4:  # scheme_for gives Q4 to exact 4-bit types only
+                codes, scale, zero = int4_codes(part.ggml_type, raw, stop - start, k)
+                chunk = block_kernel.pack_q4(codes, scale, 8.0 * scale - zero)
+            elif not q5:
                 chunk = block_kernel.pack_q7(dequantize_rows(part.ggml_type, raw, k))
             elif part.ggml_type == Q.Q5_0:
                 chunk = block_kernel.pack_q5(raw, k)
@@ -1158,7 +1186,7 @@ class QuantReport:
 
 
 #: Bump when the stored layout changes; part of the cache key.
-CACHE_FORMAT = 5
+CACHE_FORMAT = 6
 
 
 def conversion_cache_file(
@@ -1354,13 +1382,10 @@ def quantize_gguf_model(
         )
         layer_policy = coarse_head_policy() if rescore else policy
         fast: _Int8 | None = None
-        want_fast = rescore and policy.dynamic_int8 and dynamic_int8_available()
         if cached is not None:
             entry = cached[module_name]
             segments = [segment_from_state(st) for st in entry["segments"]]
             layer = QuantLinear(segments, int(entry["in_features"]), module.bias is not None)
-            if want_fast and entry.get("fast") is not None:
-                fast = segment_from_state(entry["fast"])  # type: ignore[assignment]
         else:
             layer = QuantLinear.from_gguf_parts(
                 [p for _, p in parts],
@@ -1373,14 +1398,19 @@ def quantize_gguf_model(
                 "in_features": layer.in_features,
                 "segments": [segment_state(seg) for seg in layer.segments],
             }
-            if rescore:  # cached whatever this start's FBGEMM: the key ignores it
+        if rescore and wants_fast_head(layer):
+            use_fast = policy.dynamic_int8 and dynamic_int8_available()
+            if cached is not None:
+                if use_fast and entry.get("fast") is not None:
+                    fast = segment_from_state(entry["fast"])  # type: ignore[assignment]
+            else:  # cached whatever this start's FBGEMM: the key ignores it
                 fast_layer = QuantLinear.from_gguf_parts(
                     [p for _, p in parts], dtype, device=device, policy=FAST_HEAD_POLICY
                 )
                 only = fast_layer.segments[0]
                 if len(fast_layer.segments) == 1 and isinstance(only, _Int8):
                     fresh[module_name]["fast"] = segment_state(only)
-                    fast = only if want_fast else None
+                    fast = only if use_fast else None
         dynamic = policy.dynamic_int8 and module_name.endswith(DYNAMIC_INT8_MODULES)
         if dynamic and dynamic_int8_available():
             to_pack += [seg for seg in layer.segments if isinstance(seg, _Int8)]
