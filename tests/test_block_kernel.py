@@ -165,6 +165,27 @@ def test_the_vnni_build_gives_the_avx2_builds_bits(kind):
 
 
 @needs_kernel
+@pytest.mark.parametrize("kind", ["q4", "q5", "q7"])
+def test_widened_to_bf16_each_weight_rounds_once(kind):
+    packed, w = packed_of(kind, 48, 512, seed=13)
+    assert torch.equal(block_kernel.to_bf16(packed), w.to(torch.bfloat16))
+
+
+@needs_kernel
+def test_prompt_chunks_multiply_the_same_weights():
+    """A prompt-sized chunk may take the bf16 GEMM (native-bf16 CPUs) instead of the
+    integer product: the weights are the same, only the activations' rounding differs."""
+    rows, cols = 64, 512
+    packed, w = packed_of("q5", rows, cols, seed=14)
+    layer = quant._Blocks(packed)
+    x = torch.randn(quant.DEQUANT_MIN_ROWS + 3, cols).to(torch.bfloat16)
+    ref = x.double() @ w.double().T
+    got = layer(x).double()
+    assert got.shape == (x.shape[0], rows)
+    assert ((got - ref).abs().amax(-1) <= 0.02 * ref.abs().amax(-1)).all()
+
+
+@needs_kernel
 def test_bf16_rows_are_read_as_they_are():
     rows, cols = 32, 128
     packed = block_kernel.pack_q5(q5_blocks(rows, cols, seed=3), cols)

@@ -49,8 +49,8 @@ GROUP_ROWS = 8
 Q4_RECORD = 160
 Q5_RECORD = 176
 Q7_RECORD = 272
-#: The C functions of each record, by its size.
-_KIND = {Q4_RECORD: "q4", Q5_RECORD: "q5", Q7_RECORD: "q7"}
+#: Each record's kind (the C functions' `kind`, and their names: q4_linear...), by size.
+_KIND = {Q4_RECORD: 4, Q5_RECORD: 5, Q7_RECORD: 7}
 #: Bytes of one GGUF Q5_0 block: fp16 scale, 32 high bits, 16 bytes of nibbles.
 GGUF_BLOCK_BYTES = 22
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
@@ -143,6 +143,8 @@ def _library(build: str | None = None) -> ctypes.CDLL:
     for name in ("q4_linear", "q5_linear", "q7_linear"):
         getattr(lib, name).argtypes = [_P, _INT, _I64, _I64, _P, _I64, _P, _INT]
         getattr(lib, name).restype = None
+    lib.blocks_to_bf16.argtypes = [_INT, _P, _I64, _I64, _P, _INT]
+    lib.blocks_to_bf16.restype = None
     lib.q4_pack.argtypes = [_P, _P, _P, _I64, _I64, _P]
     lib.q4_pack.restype = None
     lib.q7_pack.argtypes = [_P, _I64, _I64, _P]
@@ -231,7 +233,7 @@ def _linear(x: torch.Tensor, packed: torch.Tensor, build: str | None = None) -> 
     m, k = x.shape
     n = out_features(packed)
     y = torch.empty(m, n, dtype=torch.float32)
-    kernel = getattr(_library(build), f"{_KIND[packed.shape[-1]]}_linear")
+    kernel = getattr(_library(build), f"q{_KIND[packed.shape[-1]]}_linear")
     kernel(
         x.data_ptr(),
         int(x.dtype == torch.bfloat16),
@@ -245,11 +247,21 @@ def _linear(x: torch.Tensor, packed: torch.Tensor, build: str | None = None) -> 
     return y
 
 
+def to_bf16(packed: torch.Tensor) -> torch.Tensor:
+    """The weight (N, K) as bf16, each code times its scale rounded once: for a bf16 GEMM
+    over a prompt chunk (see `blocks_to_bf16` in block_kernel.c)."""
+    n, k = out_features(packed), in_features(packed)
+    out = torch.empty(n, k, dtype=torch.bfloat16)
+    kind, threads = _KIND[packed.shape[-1]], torch.get_num_threads()
+    _library().blocks_to_bf16(kind, packed.data_ptr(), n, k, out.data_ptr(), threads)
+    return out
+
+
 def dequantize(packed: torch.Tensor) -> torch.Tensor:
     """The float32 weight (N, K) the kernel multiplies by (checks and fallbacks)."""
     n, k = out_features(packed), in_features(packed)
     out = torch.empty(n, k, dtype=torch.float32)
-    unpack = getattr(_library(), f"{_KIND[packed.shape[-1]]}_dequantize")
+    unpack = getattr(_library(), f"q{_KIND[packed.shape[-1]]}_dequantize")
     unpack(packed.data_ptr(), n, k, out.data_ptr())
     return out
 

@@ -28,7 +28,6 @@ from modeldeploy.server.engine.cpu import configure_threads
 from modeldeploy.server.engine.device import (
     Placement,
     choose_placement,
-    cpu_has_fast_bf16,
     kv_cache_dtype,
     memory_info,
 )
@@ -317,10 +316,9 @@ class Engine:
             )
         if name == "auto" and blocks:
             return True, (
-                "policy auto: Q5_0 in its own blocks, other quantized types as 7-bit blocks "
-                "(block kernel), Q4_0/Q4_1/Q4_K "
-                + ("as int4 groups (exact)" if cpu_has_fast_bf16() else "as 7-bit blocks")
-                + ", float tensors dense"
+                "policy auto: Q5_0 in its own blocks, Q4_0/Q4_1/Q4_K as 4-bit blocks with "
+                "fp16 scales and minimums, other quantized types as 7-bit blocks (block "
+                f"kernel, {block_kernel.variant()} build), float tensors dense"
             )
         return True, (
             f"policy {name}: Q4_0/Q4_1/Q4_K as int4 groups (exact), other quantized types "
