@@ -76,8 +76,8 @@ def one_torch_thread():
 
 
 def auto_scheme(qtype: str) -> str:
-    """What `auto` holds a GGUF type as on this CPU: torch's int4/int8 kernels, or the
-    block kernel's 7-bit blocks where it runs and torch's kernels are slow (no native bf16)."""
+    """What `auto` holds a GGUF type as on this CPU: the block kernel's records where it
+    runs (Q5_0, 4-bit or 7-bit blocks), else torch's int4/int8 kernels."""
     return QuantPolicy().scheme_for(GGMLQuantizationType[qtype]).value
 
 
@@ -86,4 +86,4 @@ def agreement_bound(scheme: str) -> float:
     kernel also rounds activations (int8 per block of 32): on these random weights, whose
     top logits nearly tie, that flips 3-4 of 32-43 positions (0.86-0.88). The real model's
     bound is measured in bench/QUANT.md (top-1 99.35 %)."""
-    return 0.8 if scheme in ("q5_0", "q7") else 0.9
+    return 0.8 if scheme in ("q4", "q5_0", "q7") else 0.9

@@ -5,8 +5,9 @@ float32 with the dense weight policy, so the token streams must match exactly. t
 needs ~40 s (up to 10 min on a busy machine) to load each GGUF, so each oracle is loaded once
 and asked two short prompts.
 
-The quantized default (policy auto in bfloat16: Q4_0/Q4_K as exact int4 groups, other types
-requantized to int8, bf16 activations) cannot match token for token: bf16 alone already moves
+The quantized default (policy auto: the block kernel's Q5_0, 4-bit and 7-bit records with
+int8-rounded activations where it runs, else Q4_0/Q4_K as exact int4 groups and other types
+requantized to int8, with bf16 activations) cannot match token for token: bf16 alone already moves
 a greedy sequence off the float one after a few tokens on some prompts. Its bound is teacher
 forced: along the float32 greedy continuation, its top-1 token must equal the float32 one at
 >= QUANT_TOP1_BOUND of the positions (prompt and continuation).

@@ -1,5 +1,6 @@
 /*
- * Block-quantized weights multiplied in their compressed form on an AVX2 CPU.
+ * Block-quantized weights multiplied in their compressed form on an x86 CPU (AVX2, or
+ * AVX-512 VNNI where the build is given -mavx512vnni: `dpbusd` instead of `maddubs`).
  *
  * Why: torch's CPU kernels for compressed weights (int4pack, int8pack) want bf16
  * activations; on an AVX2 CPU without native bf16 they ran 10-30x slower than memory
@@ -14,7 +15,7 @@
  *                 of weight (r, 4(v+4)+t) in the high nibble (low 4 bits of the code);
  *     hb[32]      byte r*4+t, bit i: bit 4 of the code of weight (r, 4i+t);
  *     d[8]        the rows' fp16 scales.
- *   Q7 (272 bytes), for types the Q5 grid cannot hold (Q6_K, Q8_0, Q4_K):
+ *   Q7 (272 bytes), for types the Q5 and Q4 grids cannot hold (Q6_K, Q8_0):
  *     w = (code - 64) * d, code in 1..127, requantized per block of 32 at load;
  *     codes[8][32] byte r*4+t of vector i: code of weight (r, 4i+t);
  *     d[8]        fp16 scales.

@@ -9,10 +9,12 @@ the extra bytes. And on an AVX2 CPU without native bf16 torch's int4/int8 kernel
 far below memory speed (Qwen's 896 x 9728 gate|up at one row: 0.96 ms weight-only int8,
 0.31 ms here; at eight rows 3.85 against 0.96 ms; bench/QUANT.md). The kernel keeps
 Q5_0's bits exactly and rounds activations to int8 per block of 32, as llama.cpp does
-for the same weights; types the 5-bit grid cannot hold (Q6_K, Q8_0, and Q4_K where
-torch's int4 kernel is slow) become 7-bit blocks of 32 with their own scale.
+for the same weights; Q4_0/Q4_1/Q4_K become 4-bit blocks with an fp16 scale and minimum
+(torch's int4pack was 1.3x slower at one row even with native bf16, and 3-4x without),
+and types neither grid holds (Q6_K, Q8_0) 7-bit blocks of 32 with their own scale.
 
-Why built at run time: the kernel is plain C with AVX2 intrinsics, compiled on first use
+Why built at run time: the kernel is plain C with AVX2 intrinsics (and an AVX-512 VNNI
+build of the same source where the CPU has it: `variant`), compiled on first use
 with the compiler torch.compile already needs (the server image ships gcc), into the
 cache beside the conversion cache, keyed by the source and flags; later starts load it
 in a millisecond. Where it cannot be built or run (no AVX2, no compiler, not x86),
