@@ -107,6 +107,9 @@ def test_conversion_cache_is_written_once_and_gives_the_same_model(tiny_models, 
     # A cache hit reads its weights from the cache's file mapping until a server moves
     # them into memory (Engine.settle_weights): same values, other storage.
     assert not reports[0].mapped and reports[1].mapped
+    # every layer moves, gate|up too (none of this file's layers is left for FBGEMM)
+    layers = [m for m in model.modules() if isinstance(m, quant.QuantLinear)]
+    assert {id(seg) for m in layers for seg in m.segments} == {id(s) for s in reports[1].mapped}
     before = [seg.packed.data_ptr() for seg in reports[1].mapped if hasattr(seg, "packed")]
     quant.move_to_memory(reports[1].mapped)
     after = [seg.packed.data_ptr() for seg in reports[1].mapped if hasattr(seg, "packed")]

@@ -1417,10 +1417,13 @@ def quantize_gguf_model(
                     fresh[module_name]["fast"] = segment_state(only)
                     fast = only if use_fast else None
         dynamic = policy.dynamic_int8 and module_name.endswith(DYNAMIC_INT8_MODULES)
+        packing = []  # FBGEMM packs these, which replaces their mapped weight anyway
         if dynamic and dynamic_int8_available():
-            to_pack += [seg for seg in layer.segments if isinstance(seg, _Int8)]
-        elif cached is not None and fast is None:  # a coarse pass to be replaced stays put
-            to_move += layer.segments
+            packing = [seg for seg in layer.segments if isinstance(seg, _Int8)]
+            to_pack += packing
+        if cached is not None and fast is None:  # a coarse pass to be replaced stays put
+            # a block-kernel gate|up has nothing to pack, and moves like any other layer
+            to_move += [seg for seg in layer.segments if not any(seg is p for p in packing)]
         if rescore:
             exact = QuantEmbedding(head.ggml_type, head.raw, head.shape, torch.float32, device)
             layer = RescoredHead(layer, exact, fast, mapped=cached is not None)
