@@ -247,7 +247,9 @@ def test_error_ratio_counts_the_client_errors_sent(prometheus: Prometheus, traff
         e for t, e in panel_queries(load("model-serving.json")) if t == "Error ratio" and "4.." in e
     ]
     result = prometheus.query(substitute(four_xx, values, RATE_INTERVAL))["data"]["result"]
-    assert 0.3 < float(result[0]["value"][1]) <= 0.5
+    # the rate window holds a slice of the alternating traffic: one 4xx more or fewer
+    # than half (measured 22 of 43 once, on a loaded machine)
+    assert 0.3 < float(result[0]["value"][1]) < 0.7
 
 
 def test_promtool_check_metrics_on_both_endpoints(
