@@ -115,6 +115,16 @@ void q5_quantize(const float *w, int64_t rows, int64_t k, uint8_t *dst) {
     }
 }
 
+/* Bytes of a record of `kind` (4, 5 or 7), and where its fp16 scales start: after the
+ * codes (Q4's minimums follow the scales). */
+static inline int64_t record_bytes(int kind) {
+    return kind == 4 ? Q4_RECORD : kind == 5 ? Q5_RECORD : Q7_RECORD;
+}
+
+static inline int64_t scales_at(int kind) {
+    return kind == 4 ? 128 : record_bytes(kind) - 16;
+}
+
 /* ------------------------------------------------------------------------------------ */
 /* fp16                                                                          */
 
@@ -278,9 +288,7 @@ static inline __attribute__((always_inline)) void linear(const int kind, const v
                                                          const uint8_t *packed, int64_t n,
                                                          float *y, int threads) {
     const int64_t nb = k / QK;
-    const int64_t record = kind == 4 ? Q4_RECORD : kind == 5 ? Q5_RECORD : Q7_RECORD;
-    /* where the fp16 scales start: after the codes */
-    const int64_t scales = kind == 4 ? 128 : record - 16;
+    const int64_t record = record_bytes(kind), scales = scales_at(kind);
     const int32_t offset = kind == 5 ? 16 : 64;
     int8_t *qa = malloc((size_t)(m * k));
     float *ad = malloc(sizeof(float) * (size_t)(m * nb));
@@ -361,58 +369,69 @@ static inline __m256i to_bf16(__m256 a, __m256 b) {
     return _mm256_permute4x64_epi64(_mm256_packus_epi32(ia, ib), 0xD8);
 }
 
-/* Records of `kind` (4, 5 or 7) as the bf16 weight (n, k), row-major: for prompt chunks,
- * which multiply faster through a bf16 GEMM where the CPU has native bf16 (oneDNN: ~800
- * GFLOP/s on two Zen 4 cores, against ~450 for the integer product at M = 256). Codes
- * times scales round once, to bf16; NaN-free inputs assumed (the records hold none). */
-void blocks_to_bf16(int kind, const uint8_t *packed, int64_t n, int64_t k, uint16_t *out,
-                    int threads) {
-    const int64_t nb = k / QK;
-    const int64_t record = kind == 4 ? Q4_RECORD : kind == 5 ? Q5_RECORD : Q7_RECORD;
-    const int64_t scales = kind == 4 ? 128 : record - 16;
+/* The 8 x 32 weights of one record of `kind`, row by row: f[r][j] = weights
+ * (r, 8j..8j+7), w = code * d - m (m = offset * d for Q5 and Q7, so exact in float32). */
+static inline void record_values(int kind, const uint8_t *rec, __m256 f[8][4]) {
+    __m256i w[8];
+    if (kind == 5) unpack_q5(rec, w);
+    else if (kind == 4) unpack_q4(rec, w);
+    else
+        for (int i = 0; i < 8; i++) w[i] = _mm256_loadu_si256((const __m256i *)(rec + 32 * i));
+    /* w[i] lane r = codes (r, 4i..4i+3): an 8 x 8 transpose of 32-bit lanes gives row r's
+     * 32 codes, in order, in one vector */
+    __m256i t[8], u[8], row[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_epi32(w[i], w[i + 1]);
+        t[i + 1] = _mm256_unpackhi_epi32(w[i], w[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 4; i++) {
+        row[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
+        row[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
+    }
     const float offset = kind == 5 ? 16.0f : kind == 7 ? 64.0f : 0.0f;
+    uint16_t ds[8], ms[8];
+    memcpy(ds, rec + scales_at(kind), 16);
+    if (kind == 4) memcpy(ms, rec + scales_at(kind) + 16, 16);
+    for (int r = 0; r < 8; r++) {
+        const float dr = f16_to_f32(ds[r]);
+        const __m256 d = _mm256_set1_ps(dr);
+        const __m256 mn = _mm256_set1_ps(kind == 4 ? f16_to_f32(ms[r]) : offset * dr);
+        uint8_t codes[32];
+        _mm256_storeu_si256((__m256i *)codes, row[r]);
+        for (int j = 0; j < 4; j++) {
+            const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + 8 * j)));
+            f[r][j] = _mm256_fmsub_ps(_mm256_cvtepi32_ps(c), d, mn);
+        }
+    }
+}
+
+/* Records of `kind` (4, 5 or 7) as the weight (n, k), row-major: float32 (`bf16` 0: for
+ * checks and fallbacks) or bf16, each weight rounded once, for prompt chunks, which
+ * multiply faster through a bf16 GEMM where the CPU has native bf16 (oneDNN: ~800
+ * GFLOP/s on two Zen 4 cores, against ~450 for the integer product at M = 256). */
+void blocks_expand(int kind, const uint8_t *packed, int64_t n, int64_t k, void *out, int bf16,
+                   int threads) {
+    const int64_t nb = k / QK, record = record_bytes(kind);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t g = 0; g < n / 8; g++) {
         for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *rec = packed + (g * nb + b) * record;
-            __m256i w[8];
-            if (kind == 5) unpack_q5(rec, w);
-            else if (kind == 4) unpack_q4(rec, w);
-            else
-                for (int i = 0; i < 8; i++) w[i] = _mm256_loadu_si256((const __m256i *)(rec + 32 * i));
-            /* w[i] lane r = codes (r, 4i..4i+3): an 8 x 8 transpose of 32-bit lanes gives
-             * row r's 32 codes, in order, in one vector */
-            __m256i t[8], u[8];
-            for (int i = 0; i < 8; i += 2) {
-                t[i] = _mm256_unpacklo_epi32(w[i], w[i + 1]);
-                t[i + 1] = _mm256_unpackhi_epi32(w[i], w[i + 1]);
-            }
-            for (int i = 0; i < 8; i += 4) {
-                u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
-                u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
-                u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
-                u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
-            }
-            __m256i row[8];
-            for (int i = 0; i < 4; i++) {
-                row[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
-                row[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
-            }
-            uint16_t ds[8], ms[8];
-            memcpy(ds, rec + scales, 16);
-            if (kind == 4) memcpy(ms, rec + scales + 16, 16);
+            __m256 f[8][4];
+            record_values(kind, packed + (g * nb + b) * record, f);
             for (int r = 0; r < 8; r++) {
-                const __m256 d = _mm256_set1_ps(f16_to_f32(ds[r]));
-                /* w = code * d - m, with m = offset * d for Q5/Q7 */
-                const __m256 mn = _mm256_set1_ps(kind == 4 ? f16_to_f32(ms[r]) : offset * f16_to_f32(ds[r]));
-                uint16_t *o = out + (g * 8 + r) * k + b * QK;
-                __m256 f[4];
-                for (int j = 0; j < 4; j++) {
-                    const __m128i c8 = _mm_loadl_epi64((const __m128i *)((const uint8_t *)&row[r] + 8 * j));
-                    f[j] = _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c8)), d, mn);
+                const int64_t at = (g * 8 + r) * k + b * QK;
+                if (bf16) {
+                    uint16_t *o = (uint16_t *)out + at;
+                    _mm256_storeu_si256((__m256i *)o, to_bf16(f[r][0], f[r][1]));
+                    _mm256_storeu_si256((__m256i *)(o + 16), to_bf16(f[r][2], f[r][3]));
+                } else {
+                    for (int j = 0; j < 4; j++) _mm256_storeu_ps((float *)out + at + 8 * j, f[r][j]);
                 }
-                _mm256_storeu_si256((__m256i *)o, to_bf16(f[0], f[1]));
-                _mm256_storeu_si256((__m256i *)(o + 16), to_bf16(f[2], f[3]));
             }
         }
     }
@@ -443,47 +462,6 @@ void q7_pack(const float *w, int64_t rows, int64_t k, uint8_t *dst) {
     }
 }
 
-/* The Q7 weights as float32 (n, k), for checks. */
-void q7_dequantize(const uint8_t *packed, int64_t n, int64_t k, float *out) {
-    const int64_t nb = k / QK;
-    for (int64_t g = 0; g < n / 8; g++)
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *rec = packed + (g * nb + b) * Q7_RECORD;
-            for (int r = 0; r < 8; r++) {
-                uint16_t h;
-                memcpy(&h, rec + 256 + 2 * r, 2);
-                const float d = f16_to_f32(h);
-                for (int j = 0; j < QK; j++)
-                    out[(g * 8 + r) * k + b * QK + j] =
-                        (float)(rec[(j / 4) * 32 + r * 4 + (j % 4)] - 64) * d;
-            }
-        }
-}
-
-/* The Q5 weights as float32 (n, k): what the product multiplies by, for checks. */
-void q5_dequantize(const uint8_t *packed, int64_t n, int64_t k, float *out) {
-    const int64_t nb = k / QK;
-    for (int64_t g = 0; g < n / 8; g++) {
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *rec = packed + (g * nb + b) * Q5_RECORD;
-            for (int r = 0; r < 8; r++) {
-                uint16_t h;
-                memcpy(&h, rec + 160 + 2 * r, 2);
-                const float d = f16_to_f32(h);
-                float *o = out + (g * 8 + r) * k + b * QK;
-                for (int i = 0; i < 8; i++)
-                    for (int t = 0; t < 4; t++) {
-                        const uint8_t nib = rec[(i & 3) * 32 + r * 4 + t];
-                        const int lo = i < 4 ? (nib & 0x0F) : (nib >> 4);
-                        const int hi = (rec[128 + r * 4 + t] >> i) & 1;
-                        o[4 * i + t] = (float)((lo | (hi << 4)) - 16) * d;
-                    }
-            }
-        }
-    }
-}
-
-
 /* codes uint8 (rows, k) in 0..15 and fp16 d, m (rows, k/32 each), rows % 8 == 0 ->
  * Q4 records. */
 void q4_pack(const uint8_t *codes, const uint16_t *d, const uint16_t *mins, int64_t rows,
@@ -501,28 +479,6 @@ void q4_pack(const uint8_t *codes, const uint16_t *d, const uint16_t *mins, int6
                             (c[4 * v + t] & 0x0F) | ((c[4 * (v + 4) + t] & 0x0F) << 4);
                 memcpy(rec + 128 + 2 * r, d + row * nb + b, 2);
                 memcpy(rec + 144 + 2 * r, mins + row * nb + b, 2);
-            }
-        }
-}
-
-/* The Q4 weights as float32 (n, k), for checks. */
-void q4_dequantize(const uint8_t *packed, int64_t n, int64_t k, float *out) {
-    const int64_t nb = k / QK;
-    for (int64_t g = 0; g < n / 8; g++)
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *rec = packed + (g * nb + b) * Q4_RECORD;
-            for (int r = 0; r < 8; r++) {
-                uint16_t hd, hm;
-                memcpy(&hd, rec + 128 + 2 * r, 2);
-                memcpy(&hm, rec + 144 + 2 * r, 2);
-                const float d = f16_to_f32(hd), mn = f16_to_f32(hm);
-                float *o = out + (g * 8 + r) * k + b * QK;
-                for (int i = 0; i < 8; i++)
-                    for (int t = 0; t < 4; t++) {
-                        const uint8_t nib = rec[(i & 3) * 32 + r * 4 + t];
-                        const int c = i < 4 ? (nib & 0x0F) : (nib >> 4);
-                        o[4 * i + t] = (float)c * d - mn;
-                    }
             }
         }
 }

@@ -145,19 +145,14 @@ def _library(build: str | None = None) -> ctypes.CDLL:
     for name in ("q4_linear", "q5_linear", "q7_linear"):
         getattr(lib, name).argtypes = [_P, _INT, _I64, _I64, _P, _I64, _P, _INT]
         getattr(lib, name).restype = None
-    lib.blocks_to_bf16.argtypes = [_INT, _P, _I64, _I64, _P, _INT]
-    lib.blocks_to_bf16.restype = None
+    lib.blocks_expand.argtypes = [_INT, _P, _I64, _I64, _P, _INT, _INT]
+    lib.blocks_expand.restype = None
     lib.q4_pack.argtypes = [_P, _P, _P, _I64, _I64, _P]
     lib.q4_pack.restype = None
     lib.q7_pack.argtypes = [_P, _I64, _I64, _P]
     lib.q7_pack.restype = None
-    lib.q7_dequantize.argtypes = [_P, _I64, _I64, _P]
-    lib.q7_dequantize.restype = None
     lib.q5_quantize.argtypes = [_P, _I64, _I64, _P]
     lib.q5_quantize.restype = None
-    for name in ("q4_dequantize", "q5_dequantize"):
-        getattr(lib, name).argtypes = [_P, _I64, _I64, _P]
-        getattr(lib, name).restype = None
     return lib
 
 
@@ -249,23 +244,24 @@ def _linear(x: torch.Tensor, packed: torch.Tensor, build: str | None = None) -> 
     return y
 
 
+def _expand(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n, k = out_features(packed), in_features(packed)
+    out = torch.empty(n, k, dtype=dtype)
+    kind, bf16 = _KIND[packed.shape[-1]], int(dtype == torch.bfloat16)
+    threads = torch.get_num_threads()
+    _library().blocks_expand(kind, packed.data_ptr(), n, k, out.data_ptr(), bf16, threads)
+    return out
+
+
 def to_bf16(packed: torch.Tensor) -> torch.Tensor:
     """The weight (N, K) as bf16, each code times its scale rounded once: for a bf16 GEMM
-    over a prompt chunk (see `blocks_to_bf16` in block_kernel.c)."""
-    n, k = out_features(packed), in_features(packed)
-    out = torch.empty(n, k, dtype=torch.bfloat16)
-    kind, threads = _KIND[packed.shape[-1]], torch.get_num_threads()
-    _library().blocks_to_bf16(kind, packed.data_ptr(), n, k, out.data_ptr(), threads)
-    return out
+    over a prompt chunk (`blocks_expand` in block_kernel.c)."""
+    return _expand(packed, torch.bfloat16)
 
 
 def dequantize(packed: torch.Tensor) -> torch.Tensor:
     """The float32 weight (N, K) the kernel multiplies by (checks and fallbacks)."""
-    n, k = out_features(packed), in_features(packed)
-    out = torch.empty(n, k, dtype=torch.float32)
-    unpack = getattr(_library(), f"q{_KIND[packed.shape[-1]]}_dequantize")
-    unpack(packed.data_ptr(), n, k, out.data_ptr())
-    return out
+    return _expand(packed, torch.float32)
 
 
 @functools.cache

@@ -634,11 +634,12 @@ def define_fbgemm_op() -> None:
         return u.new_empty((u.shape[0], row_sums.shape[0]))
 
 
-#: The schemes `block_kernel` multiplies, by the size of their records.
-BLOCK_SCHEMES = {
-    block_kernel.Q4_RECORD: Scheme.Q4,
-    block_kernel.Q5_RECORD: Scheme.Q5_0,
-    block_kernel.Q7_RECORD: Scheme.Q7,
+#: The schemes `block_kernel` multiplies, and the size of their records (which says
+#: which scheme a packed tensor holds).
+BLOCK_RECORDS = {
+    Scheme.Q4: block_kernel.Q4_RECORD,
+    Scheme.Q5_0: block_kernel.Q5_RECORD,
+    Scheme.Q7: block_kernel.Q7_RECORD,
 }
 
 
@@ -652,7 +653,7 @@ class _Blocks:
     def __init__(self, packed: torch.Tensor) -> None:
         self.packed = packed
         self.out_features = block_kernel.out_features(packed)
-        self.scheme = BLOCK_SCHEMES[packed.shape[-1]]
+        self.scheme = next(sc for sc, size in BLOCK_RECORDS.items() if size == packed.shape[-1])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # Prompt chunks through oneDNN's bf16 GEMM where the CPU has native bf16: on two
@@ -709,7 +710,7 @@ def segment_state(seg: Segment) -> dict[str, Any]:
 
 
 def segment_from_state(state: dict[str, Any]) -> Segment:
-    if state["scheme"] in BLOCK_SCHEMES.values():
+    if state["scheme"] in BLOCK_RECORDS:
         return _Blocks(state["packed"])
     if state["scheme"] == "int4":
         return _Int4(state["packed"], state["scale_zero"], int(state["group"]))
@@ -819,7 +820,7 @@ class QuantLinear(nn.Module):
         for plan in plans:
             if plan.scheme == Scheme.INT4 and plan.rows % 16:
                 plan.scheme = policy.requant if policy.requant != Scheme.INT4 else Scheme.DENSE
-            if plan.scheme in BLOCK_SCHEMES.values() and not all(
+            if plan.scheme in BLOCK_RECORDS and not all(
                 block_kernel.supports(p.shape[0], k) for p in plan.parts
             ):
                 plan.scheme = Scheme.INT8
@@ -913,16 +914,15 @@ def _scale_zero(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
 def _build_segment(plan: _Plan, k: int, dtype: torch.dtype, device: torch.device) -> Segment:
     """Convert a run of parts chunk by chunk into one segment."""
     n = plan.rows
-    if plan.scheme in BLOCK_SCHEMES.values():
-        g, q5 = block_kernel.GROUP_ROWS, plan.scheme == Scheme.Q5_0
-        record = next(size for size, sc in BLOCK_SCHEMES.items() if sc == plan.scheme)
+    if plan.scheme in BLOCK_RECORDS:
+        g, record = block_kernel.GROUP_ROWS, BLOCK_RECORDS[plan.scheme]
         packed = torch.empty(n // g, k // block_kernel.BLOCK, record, dtype=torch.uint8)
         for row, part, start, stop in _chunks(plan.parts):
             raw = part.rows(start, stop)
             if plan.scheme == Scheme.Q4:  # scheme_for gives Q4 to exact 4-bit types only
                 codes, scale, zero = int4_codes(part.ggml_type, raw, stop - start, k)
                 chunk = block_kernel.pack_q4(codes, scale, 8.0 * scale - zero)
-            elif not q5:
+            elif plan.scheme == Scheme.Q7:
                 chunk = block_kernel.pack_q7(dequantize_rows(part.ggml_type, raw, k))
             elif part.ggml_type == Q.Q5_0:
                 chunk = block_kernel.pack_q5(raw, k)
