@@ -369,9 +369,11 @@ static inline __m256i to_bf16(__m256 a, __m256 b) {
     return _mm256_permute4x64_epi64(_mm256_packus_epi32(ia, ib), 0xD8);
 }
 
-/* The 8 x 32 weights of one record of `kind`, row by row: f[r][j] = weights
- * (r, 8j..8j+7), w = code * d - m (m = offset * d for Q5 and Q7, so exact in float32). */
-static inline void record_values(int kind, const uint8_t *rec, __m256 f[8][4]) {
+/* One record of `kind` row by row: row[r] holds the 32 codes of row r in order, and its
+ * weights are code * d[r] - mn[r] (mn = offset * d for Q5 and Q7, so exact in float32). */
+static inline __attribute__((always_inline)) void record_rows(int kind, const uint8_t *rec,
+                                                              __m256i row[8], float d[8],
+                                                              float mn[8]) {
     __m256i w[8];
     if (kind == 5) unpack_q5(rec, w);
     else if (kind == 4) unpack_q4(rec, w);
@@ -379,7 +381,7 @@ static inline void record_values(int kind, const uint8_t *rec, __m256 f[8][4]) {
         for (int i = 0; i < 8; i++) w[i] = _mm256_loadu_si256((const __m256i *)(rec + 32 * i));
     /* w[i] lane r = codes (r, 4i..4i+3): an 8 x 8 transpose of 32-bit lanes gives row r's
      * 32 codes, in order, in one vector */
-    __m256i t[8], u[8], row[8];
+    __m256i t[8], u[8];
     for (int i = 0; i < 8; i += 2) {
         t[i] = _mm256_unpacklo_epi32(w[i], w[i + 1]);
         t[i + 1] = _mm256_unpackhi_epi32(w[i], w[i + 1]);
@@ -399,15 +401,8 @@ static inline void record_values(int kind, const uint8_t *rec, __m256 f[8][4]) {
     memcpy(ds, rec + scales_at(kind), 16);
     if (kind == 4) memcpy(ms, rec + scales_at(kind) + 16, 16);
     for (int r = 0; r < 8; r++) {
-        const float dr = f16_to_f32(ds[r]);
-        const __m256 d = _mm256_set1_ps(dr);
-        const __m256 mn = _mm256_set1_ps(kind == 4 ? f16_to_f32(ms[r]) : offset * dr);
-        uint8_t codes[32];
-        _mm256_storeu_si256((__m256i *)codes, row[r]);
-        for (int j = 0; j < 4; j++) {
-            const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + 8 * j)));
-            f[r][j] = _mm256_fmsub_ps(_mm256_cvtepi32_ps(c), d, mn);
-        }
+        d[r] = f16_to_f32(ds[r]);
+        mn[r] = kind == 4 ? f16_to_f32(ms[r]) : offset * d[r];
     }
 }
 
@@ -415,25 +410,48 @@ static inline void record_values(int kind, const uint8_t *rec, __m256 f[8][4]) {
  * checks and fallbacks) or bf16, each weight rounded once, for prompt chunks, which
  * multiply faster through a bf16 GEMM where the CPU has native bf16 (oneDNN: ~800
  * GFLOP/s on two Zen 4 cores, against ~450 for the integer product at M = 256). */
-void blocks_expand(int kind, const uint8_t *packed, int64_t n, int64_t k, void *out, int bf16,
-                   int threads) {
+static inline __attribute__((always_inline)) void expand(const int kind, const uint8_t *packed,
+                                                         int64_t n, int64_t k, void *out,
+                                                         const int bf16, int threads) {
     const int64_t nb = k / QK, record = record_bytes(kind);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t g = 0; g < n / 8; g++) {
         for (int64_t b = 0; b < nb; b++) {
-            __m256 f[8][4];
-            record_values(kind, packed + (g * nb + b) * record, f);
+            __m256i row[8];
+            float d[8], mn[8];
+            record_rows(kind, packed + (g * nb + b) * record, row, d, mn);
             for (int r = 0; r < 8; r++) {
+                const uint8_t *codes = (const uint8_t *)&row[r];
+                __m256 f[4];
+                for (int j = 0; j < 4; j++) {
+                    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + 8 * j)));
+                    f[j] = _mm256_fmsub_ps(_mm256_cvtepi32_ps(c), _mm256_set1_ps(d[r]), _mm256_set1_ps(mn[r]));
+                }
                 const int64_t at = (g * 8 + r) * k + b * QK;
                 if (bf16) {
                     uint16_t *o = (uint16_t *)out + at;
-                    _mm256_storeu_si256((__m256i *)o, to_bf16(f[r][0], f[r][1]));
-                    _mm256_storeu_si256((__m256i *)(o + 16), to_bf16(f[r][2], f[r][3]));
+                    _mm256_storeu_si256((__m256i *)o, to_bf16(f[0], f[1]));
+                    _mm256_storeu_si256((__m256i *)(o + 16), to_bf16(f[2], f[3]));
                 } else {
-                    for (int j = 0; j < 4; j++) _mm256_storeu_ps((float *)out + at + 8 * j, f[r][j]);
+                    for (int j = 0; j < 4; j++) _mm256_storeu_ps((float *)out + at + 8 * j, f[j]);
                 }
             }
         }
+    }
+}
+
+/* One loop compiled per kind and output type, as `linear` is per kind. (Holding a whole
+ * record's floats at once spilled registers: 15-30 % slower than this row-by-row loop.) */
+void blocks_expand(int kind, const uint8_t *packed, int64_t n, int64_t k, void *out, int bf16,
+                   int threads) {
+    if (bf16) {
+        if (kind == 4) expand(4, packed, n, k, out, 1, threads);
+        else if (kind == 5) expand(5, packed, n, k, out, 1, threads);
+        else expand(7, packed, n, k, out, 1, threads);
+    } else {
+        if (kind == 4) expand(4, packed, n, k, out, 0, threads);
+        else if (kind == 5) expand(5, packed, n, k, out, 0, threads);
+        else expand(7, packed, n, k, out, 0, threads);
     }
 }
 
